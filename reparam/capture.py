@@ -1,0 +1,130 @@
+"""Capture: trace a module with torch.fx and attach shapes to every node.
+
+A model whose forward cannot be traced as a whole is split: its largest traceable submodules become
+regions (fused on their own), the rest stays as it was and is reported as opaque.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .errors import CaptureError
+
+
+@dataclass
+class Region:
+    """A traced part of the model: ``path`` ('' for the whole model) and its example inputs."""
+
+    path: str
+    gm: fx.GraphModule
+    inputs: tuple | None
+
+
+@dataclass
+class Capture:
+    regions: list[Region] = field(default_factory=list)
+    opaque: dict[str, str] = field(default_factory=dict)  # module path -> why it was not traced
+    shaped: bool = False  # shapes were attached to the whole-model graph
+
+
+def _first_line(err: BaseException) -> str:
+    text = f"{type(err).__name__}: {err}".strip().splitlines()
+    return text[0][:200] if text else type(err).__name__
+
+
+def record_inputs(model: nn.Module, example_inputs: tuple) -> dict[str, tuple]:
+    """Run ``model`` once and remember the positional inputs of every submodule's first call."""
+    seen: dict[str, tuple] = {}
+    hooks = []
+    for name, m in model.named_modules():
+        def hook(mod, args, name=name):
+            seen.setdefault(name, tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
+        hooks.append(m.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            model(*example_inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def attach_shapes(gm: fx.GraphModule, inputs: tuple | None) -> bool:
+    """Annotate nodes with output shapes (without computing, when fake tensors allow). True if done."""
+    if inputs is None:
+        return False
+    try:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        FakeTensorProp(gm, mode).propagate(*inputs)
+        return True
+    except Exception:
+        pass
+    try:
+        from torch.fx.passes.shape_prop import ShapeProp
+
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*inputs)
+        return True
+    except Exception:
+        return False
+
+
+def capture(model: nn.Module, example_inputs: tuple | None) -> Capture:
+    """Trace ``model`` whole if possible; otherwise its largest traceable submodules."""
+    out = Capture()
+    try:
+        gm = fx.symbolic_trace(model)
+        out.shaped = attach_shapes(gm, example_inputs)
+        out.regions.append(Region("", gm, example_inputs))
+        return out
+    except Exception as err:  # any tracing failure: fall back to submodules
+        out.opaque[""] = _first_line(err)
+    try:
+        recorded = record_inputs(model, example_inputs) if example_inputs is not None else {}
+    except Exception as err:
+        raise CaptureError(f"the model does not run on the example inputs: {_first_line(err)}") from err
+    _capture_children(model, "", recorded, out)
+    return out
+
+
+def _capture_children(module: nn.Module, prefix: str, recorded: dict[str, tuple], out: Capture) -> None:
+    for name, child in module.named_children():
+        path = f"{prefix}.{name}" if prefix else name
+        if not any(True for _ in child.parameters()) and not any(True for _ in child.buffers()):
+            continue  # nothing to fuse inside
+        if path in recorded or not recorded:
+            try:
+                gm = fx.symbolic_trace(child)
+                inputs = recorded.get(path)
+                attach_shapes(gm, inputs)
+                out.regions.append(Region(path, gm, inputs))
+                continue
+            except Exception as err:
+                out.opaque[path] = _first_line(err)
+        _capture_children(child, path, recorded, out)
+
+
+def set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, name, new)
+
+
+def example_inputs_for(model: nn.Module) -> tuple[Any, ...] | None:
+    """A guess at one input for a model whose first layer is a conv or linear (None if unsure)."""
+    first = next((m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))), None)
+    if first is None:
+        return None
+    p = next(first.parameters())
+    if isinstance(first, nn.Linear):
+        return (torch.randn(1, first.in_features, dtype=p.dtype, device=p.device),)
+    nd = first.weight.ndim - 2
+    size = {1: 224, 2: 224, 3: 32}[nd]
+    return (torch.randn(1, first.in_channels, *(size,) * nd, dtype=p.dtype, device=p.device),)

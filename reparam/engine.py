@@ -1,0 +1,244 @@
+"""The engine: match → guard → rewrite, to a fixpoint, every rewrite checked on random float64 inputs.
+
+It owns what every rule needs and no rule should repeat: the outside-consumer check (a value the
+rewrite would absorb must not be used anywhere else), never editing a node or parameter in place (a
+rewrite builds new nodes; the old ones die only when unused), the local numerical check, the
+iteration guard, and the log of what fired and what refused and why.
+"""
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import FixpointError, RewriteMismatch
+from .ir import Expr, Graph, Node
+from .ops import (Affine, AvgPool, Cat, Conv, Identity, Input, Opaque, Pad, Slice, Sum, output_shape)
+from .rule import Refusal, Rule
+
+LOCAL_RTOL = 1e-9
+_SHRINKABLE = (Conv, Affine, Sum, Pad, AvgPool, Identity)
+
+
+@dataclass
+class Event:
+    kind: str  # "fired" or "refused"
+    rule: str
+    where: str
+    detail: str = ""
+
+
+@dataclass
+class RewriteLog:
+    events: list[Event] = field(default_factory=list)
+    _seen_refusals: set = field(default_factory=set)
+
+    def fired(self, rule: Rule, where: str, detail: str):
+        self.events.append(Event("fired", rule.name, where, detail))
+
+    def refused(self, rule: Rule, where: str, reason: str):
+        key = (rule.name, where, reason)
+        if key not in self._seen_refusals:
+            self._seen_refusals.add(key)
+            self.events.append(Event("refused", rule.name, where, reason))
+
+    def fired_events(self):
+        return [e for e in self.events if e.kind == "fired"]
+
+    def refusals(self):
+        """Refusals of matches that never fired later at the same place."""
+        fired = {(e.rule, e.where) for e in self.fired_events()}
+        return [e for e in self.events if e.kind == "refused" and (e.rule, e.where) not in fired]
+
+
+def common_prefix(names: list[str]) -> str:
+    parts = [n.split(".") for n in names if n]
+    if not parts:
+        return ""
+    out = []
+    for level in zip(*parts):
+        if len(set(level)) != 1:
+            break
+        out.append(level[0])
+    return ".".join(out)
+
+
+def absorbed_nodes(root: Node, leaves: list[Node]) -> list[Node]:
+    """The old nodes a rewrite of ``root`` in terms of ``leaves`` makes redundant (root included)."""
+    leaf_ids = {n.id for n in leaves}
+    seen: dict[int, Node] = {}
+    stack = [root]
+    while stack:
+        n = stack.pop()
+        if n.id in seen or n.id in leaf_ids or isinstance(n.op, (Input, Opaque)):
+            continue
+        seen[n.id] = n
+        stack.extend(n.inputs)
+    return list(seen.values())
+
+
+def _evaluate_subgraph(root: Node, absorbed: dict[int, Node], values: dict[int, torch.Tensor]):
+    def ev(n: Node):
+        if n.id in values:
+            return values[n.id]
+        v = n.op.evaluate(*[ev(i) for i in n.inputs])
+        values[n.id] = v
+        return v
+
+    return ev(root)
+
+
+def _evaluate_expr(e: Expr | Node, values: dict[int, torch.Tensor]):
+    if isinstance(e, Node):
+        return values[e.id]
+    return e.op.evaluate(*[_evaluate_expr(i, values) for i in e.inputs])
+
+
+def _expr_ops(e: Expr) -> list:
+    out = [e.op]
+    for i in e.inputs:
+        if isinstance(i, Expr):
+            out.extend(_expr_ops(i))
+    return out
+
+
+def _check_shapes(leaves: list[Node], ops: list) -> list[tuple[int, ...]] | None:
+    """Input shapes for the local check: batch 1; spatial axes shrunk when every op allows it."""
+    if any(n.shape is None for n in leaves):
+        return None
+    shapes = [(1, *n.shape[1:]) for n in leaves]
+    spatial = {s[2:] for s in shapes}
+    if len(spatial) == 1 and all(isinstance(op, _SHRINKABLE) or (isinstance(op, (Cat, Slice)) and op.dim == 1)
+                                 for op in ops):
+        reach = [max(op.extent) + 2 * max(op.stride) + 3 for op in ops if isinstance(op, Conv) and op.nd]
+        reach += [max(op.kernel_size) + 2 * max(op.stride) + 3 for op in ops if isinstance(op, AvgPool)]
+        reach += [max(max(p) for p in op.pads) * 2 + 4 for op in ops if isinstance(op, Pad) and op.pads]
+        size = max(reach, default=4)
+        shapes = [(*s[:2], *(min(n, size) for n in s[2:])) for s in shapes]
+    return shapes
+
+
+def local_check(rule: Rule, root: Node, expr: Expr, absorbed: list[Node], seed: int) -> None:
+    """Compare the absorbed subgraph with its replacement on random float64 inputs."""
+    leaves = list({n.id: n for n in expr.leaves()}.values())
+    ops = [n.op for n in absorbed] + _expr_ops(expr)
+    shapes = _check_shapes(leaves, ops)
+    if shapes is None:
+        raise Refusal("input shapes are unknown, so the rewrite cannot be checked (pass example inputs)")
+    gen = torch.Generator().manual_seed(seed)
+    values = {n.id: torch.randn(s, generator=gen, dtype=torch.float64) for n, s in zip(leaves, shapes)}
+    try:
+        want = _evaluate_subgraph(root, {n.id: n for n in absorbed}, dict(values))
+        got = _evaluate_expr(expr, values)
+    except (RuntimeError, ValueError) as err:
+        raise RewriteMismatch(rule.name, root.name, f"could not evaluate the rewrite: {err}") from err
+    if got.shape != want.shape:
+        raise RewriteMismatch(rule.name, root.name, f"shape {tuple(got.shape)} instead of {tuple(want.shape)}")
+    scale = want.abs().max().clamp_min(1e-30)
+    err = float((got - want).abs().max() / scale)
+    if not err <= LOCAL_RTOL:
+        raise RewriteMismatch(rule.name, root.name, f"relative error {err:.3g} on random inputs")
+
+
+class Engine:
+    """Applies ``rules`` (tried in order at each node) to ``graph`` until none applies."""
+
+    def __init__(self, rules: list[Rule], *, check: bool = True, max_rewrites: int | None = None,
+                 stop_after: int | None = None):
+        self.rules = rules
+        self.check = check
+        self.max_rewrites = max_rewrites
+        self.stop_after = stop_after  # replay support: apply only the first N rewrites
+        self.log = RewriteLog()
+        self.count = 0
+
+    def run(self, graph: Graph) -> RewriteLog:
+        limit = self.max_rewrites or 20 * len(graph.nodes) + 200
+        recent: collections.deque[str] = collections.deque(maxlen=200)
+        queue = collections.deque(graph.nodes)
+        queued = {n.id for n in graph.nodes}
+        while queue:
+            node = queue.popleft()
+            queued.discard(node.id)
+            if node.graph is not graph:
+                continue
+            touched = self._visit(graph, node)
+            if touched is None:
+                continue
+            if self.stop_after is not None and self.count >= self.stop_after:
+                break
+            recent.append(self.log.events[-1].rule)
+            if self.count > limit:
+                worst = collections.Counter(recent).most_common(1)[0][0]
+                raise FixpointError(worst, self.count)
+            for n in touched:
+                if n.id not in queued and n.graph is graph:
+                    queue.append(n)
+                    queued.add(n.id)
+        return self.log
+
+    def _visit(self, graph: Graph, node: Node) -> list[Node] | None:
+        for rule in self.rules:
+            types = rule.root_types()
+            if types is not None and not isinstance(node.op, types):
+                continue
+            bound = rule.pattern(node)
+            if bound is None:
+                continue
+            try:
+                expr = rule(**bound)
+                if expr is None:
+                    continue
+                if isinstance(expr, Node):  # the root is just one of its inputs
+                    expr = Expr(Identity(), (expr,))
+                absorbed = absorbed_nodes(node, expr.leaves())
+                self._check_consumers(graph, node, absorbed)
+                if self.check:
+                    local_check(rule, node, expr, absorbed, seed=self.count)
+            except Refusal as r:
+                self.log.refused(rule, node.name, str(r))
+                continue
+            return self._apply(graph, rule, node, expr, absorbed)
+        return None
+
+    @staticmethod
+    def _check_consumers(graph: Graph, root: Node, absorbed: list[Node]) -> None:
+        inside = {n.id for n in absorbed}
+        for n in absorbed:
+            if n is root:
+                continue
+            outside = [u for u in n.users if u.id not in inside]
+            if outside or graph.is_output(n):
+                who = outside[0].name if outside else "the graph output"
+                raise Refusal(f"'{n.name}' is also used by '{who}', so it cannot be absorbed")
+
+    def _apply(self, graph: Graph, rule: Rule, root: Node, expr: Expr, absorbed: list[Node]) -> list[Node]:
+        name = common_prefix([n.name for n in absorbed]) or root.name
+        new_nodes: list[Node] = []
+
+        def build(e: Expr | Node) -> Node:
+            if isinstance(e, Node):
+                return e
+            inputs = [build(i) for i in e.inputs]
+            if isinstance(e.op, Identity) and len(inputs) == 1:
+                return inputs[0]
+            shape = output_shape(e.op, [i.shape for i in inputs])
+            n = Node(e.op, inputs, name=name, shape=shape, dtype=root.dtype)
+            new_nodes.append(n)
+            return n
+
+        out = build(expr)
+        if out.shape is None:
+            out.shape = root.shape
+        graph.insert_before(root, new_nodes)
+        graph.replace_uses(root, out)
+        leaves = expr.leaves()
+        graph.remove_dead([root])
+        self.count += 1
+        self.log.fired(rule, name, f"{len(absorbed)} → {len(new_nodes)} nodes")
+        touched = list(new_nodes) + list(out.users)
+        for leaf in leaves:
+            touched.append(leaf)
+            touched.extend(leaf.users)
+        return touched

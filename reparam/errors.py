@@ -1,0 +1,36 @@
+"""Errors reparam raises. Each message says what went wrong, where, and what to do."""
+from __future__ import annotations
+
+
+class ReparamError(Exception):
+    """Base class of every error reparam raises on purpose."""
+
+
+class RewriteMismatch(ReparamError):
+    """A rewrite changed the values it replaced (a bug in that rule)."""
+
+    def __init__(self, rule: str, where: str, detail: str):
+        self.rule, self.where, self.detail = rule, where, detail
+        super().__init__(f"rule '{rule}' at '{where}' changed outputs: {detail}. The rule is wrong for this "
+                         f"case; disable it (rules/disable) and report it.")
+
+
+class FixpointError(ReparamError):
+    """Rules kept rewriting without reaching a fixpoint (a rule that rewrites its own output)."""
+
+    def __init__(self, rule: str, count: int):
+        self.rule = rule
+        super().__init__(f"no fixpoint after {count} rewrites: rule '{rule}' keeps firing (it probably rewrites "
+                         f"its own output). Fix or disable that rule.")
+
+
+class VerificationError(ReparamError):
+    """The fused model does not match the original on random inputs."""
+
+    def __init__(self, message: str, rewrite: str | None = None, error: float | None = None):
+        self.rewrite, self.error = rewrite, error
+        super().__init__(message)
+
+
+class CaptureError(ReparamError):
+    """The model could not be captured or run with the given inputs."""

@@ -1,0 +1,60 @@
+"""Looking at a Sum as terms cᵢ·branchᵢ(source): the shared helper of the parallel-branch rules."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .ir import Expr, Node
+from .ops import Affine, AvgPool, Conv, Linear, Sum
+
+_BRANCH_OPS = (Conv, Linear, AvgPool)
+
+
+@dataclass
+class Term:
+    index: int  # position among the Sum's inputs
+    node: Node  # the branch (an input of the Sum)
+    coeff: float
+    source: Node  # what the branch reads: a conv's input, or the node itself for an identity branch
+
+    @property
+    def is_identity(self) -> bool:
+        return self.source is self.node
+
+
+def sum_terms(total: Node) -> list[Term]:
+    """The Sum's terms; a conv/linear/avgpool branch's source is its input, any other branch is x itself."""
+    out = []
+    for k, (n, c) in enumerate(zip(total.inputs, total.op.coeffs)):
+        src = n.inputs[0] if isinstance(n.op, _BRANCH_OPS) else n
+        out.append(Term(k, n, c, src))
+    return out
+
+
+def by_source(terms: list[Term]) -> list[list[Term]]:
+    """Terms grouped by the node they read, in first-seen order."""
+    groups: dict[int, list[Term]] = {}
+    for t in terms:
+        groups.setdefault(t.source.id, []).append(t)
+    return list(groups.values())
+
+
+def affine_source(node: Node) -> tuple[Node, Affine | None]:
+    """For a branch a(x) with a per-channel (axis 1) or scalar affine: (x, a); else (node, None)."""
+    if isinstance(node.op, Affine) and node.rank and node.op.acts_on(1, node.rank):
+        return node.inputs[0], node.op
+    return node, None
+
+
+def rebuild(total: Node, replace: dict[int, tuple[Expr | Node, float]], drop: set[int] = frozenset()):
+    """The Sum with terms replaced/dropped; a single remaining term stands alone (scaled if needed)."""
+    items = []
+    for k, (n, c) in enumerate(zip(total.inputs, total.op.coeffs)):
+        if k in drop:
+            continue
+        items.append(replace.get(k, (n, c)))
+    if len(items) == 1:
+        e, c = items[0]
+        return e if c == 1 else Affine(torch.tensor(float(c), dtype=torch.float64), None, None)(e)
+    return Sum(tuple(float(c) for _, c in items))(*[e for e, _ in items])

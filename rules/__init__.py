@@ -1,0 +1,45 @@
+"""The built-in rules, one identity per file, in the order the engine tries them at each node.
+
+Canonicalizing rules come first (drop identities, flatten sums, absorb explicit pads), then folds
+that shrink the graph backwards (an affine into the conv before it), then the parallel-branch
+normalizers (identity/avg-pool → conv, common dilation and grouping) and merges, then serial merges,
+and last the folds forwards (an affine into the conv or Linear after it), which must not pre-empt
+the backward ones.
+"""
+from .affine_merge import affine_merge
+from .affine_through_pool import affine_through_pool
+from .avgpool_to_conv import avgpool_to_conv
+from .bn_prefold import bn_prefold
+from .concat_affine_split import concat_affine_split
+from .conv_bn_fold import conv_bn_fold
+from .dilated_to_dense import dilated_to_dense
+from .groups_merge import groups_merge
+from .identity_elim import identity_elim
+from .identity_to_conv import identity_to_conv
+from .linear_sum import linear_sum
+from .pad_fold import pad_fold
+from .parallel_sum_pad import parallel_sum_pad
+from .scale_fold import scale_fold
+from .serial_merge import serial_merge
+from .sum_flatten import sum_flatten
+
+DEFAULT_RULES = [
+    identity_elim,
+    sum_flatten,
+    pad_fold,
+    conv_bn_fold,
+    affine_merge,
+    concat_affine_split,
+    scale_fold,
+    identity_to_conv,
+    avgpool_to_conv,
+    dilated_to_dense,
+    groups_merge,
+    parallel_sum_pad,
+    linear_sum,
+    serial_merge,
+    bn_prefold,
+    affine_through_pool,
+]
+
+__all__ = [r.name for r in DEFAULT_RULES] + ["DEFAULT_RULES"]

@@ -1,0 +1,35 @@
+from reparam import opmath
+from reparam.ops import Conv, Sum
+from reparam.pattern import P
+from reparam.rule import require, rule
+from reparam.terms import by_source, rebuild, sum_terms
+
+
+def _key(op: Conv):
+    return (op.nd, op.stride, op.dilation, op.groups, op.padding_mode, op.in_channels, op.out_channels)
+
+
+@rule(P(Sum, name="total"))
+def parallel_sum_pad(total):
+    """Σ cᵢ·convᵢ(x) = conv(x): kernels zero-padded to the union footprint and summed, biases summed.
+
+    Exact when the convs read the same x with equal stride, dilation, groups, channels and padding
+    mode, and every kernel's centre lands on the same input pixel: per axis, lo − (extent−1)/2 … i.e.
+    equal slack lo + hi − (extent − 1) (checked by kernels.parallel_offsets). Covers asymmetric
+    kernels (1×k, k×1, 5×3), explicit F.pad alignment (after pad_fold), subtraction and scalar weights.
+    """
+    for group in by_source(sum_terms(total)):
+        convs = [t for t in group if isinstance(t.node.op, Conv) and len(t.node.users) == 1]
+        by_key: dict = {}
+        for t in convs:
+            by_key.setdefault(_key(t.node.op), []).append(t)
+        for same in by_key.values():
+            if len(same) < 2:
+                continue
+            try:
+                merged = opmath.merge_parallel([t.node.op for t in same], [t.coeff for t in same])
+            except ValueError as err:
+                require(False, f"branches are misaligned: {err}")
+            first = same[0]
+            return rebuild(total, {first.index: (merged(first.source), 1.0)}, {t.index for t in same[1:]})
+    return None
