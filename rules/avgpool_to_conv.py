@@ -6,13 +6,18 @@ from reparam.terms import affine_source
 
 
 def _beside_conv(pool) -> bool:
-    """The pool is (through at most one affine) a branch of a sum that also holds a conv of its input."""
+    """The pool is (through at most one affine) a branch of a sum that also holds a conv of its input
+    (or, when a conv read only by the pool feeds it, of that conv's input: DBB's 1×1 → avg branch)."""
+    sources = {pool.inputs[0].id}
+    feeder = pool.inputs[0]
+    if isinstance(feeder.op, Conv) and len(feeder.users) == 1:
+        sources.add(feeder.inputs[0].id)
     for user in pool.users:
         branch = user if not isinstance(user.op, Sum) else pool
         total = user if isinstance(user.op, Sum) else next((u for u in user.users if isinstance(u.op, Sum)), None)
         if total is None or (branch is not pool and affine_source(branch)[0] is not pool):
             continue
-        if any(isinstance(n.op, Conv) and n.inputs[0] is pool.inputs[0] for n in total.inputs):
+        if any(isinstance(n.op, Conv) and n.inputs[0].id in sources for n in total.inputs):
             return True
     return False
 
