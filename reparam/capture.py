@@ -5,12 +5,17 @@ regions (fused on their own), the rest stays as it was and is reported as opaque
 """
 from __future__ import annotations
 
+import copy
+
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
+from torch.fx.passes.shape_prop import ShapeProp
+from torch.utils._pytree import tree_map
 
 from .errors import CaptureError
 
@@ -53,27 +58,51 @@ def record_inputs(model: nn.Module, example_inputs: tuple) -> dict[str, tuple]:
     return seen
 
 
+class _MetaShapeProp(ShapeProp):
+    """ShapeProp on the 'meta' device: every module and tensor is mirrored without data, so shapes
+    come out without computing anything."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self._mirrors: dict[str, nn.Module] = {}
+
+    def call_module(self, target, args, kwargs):
+        module = self.fetch_attr(target)
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and args and isinstance(args[0], torch.Tensor):
+            return torch.empty_like(args[0])  # shape-preserving; its meta kernel would pull in torch._dynamo
+        if target not in self._mirrors:
+            self._mirrors[target] = copy.deepcopy(self.fetch_attr(target)).to("meta")
+        return self._mirrors[target](*args, **kwargs)
+
+    def call_function(self, target, args, kwargs):
+        if target in (F.batch_norm, torch.batch_norm) and args and isinstance(args[0], torch.Tensor):
+            return torch.empty_like(args[0])
+        return super().call_function(target, args, kwargs)
+
+    def get_attr(self, target, args, kwargs):
+        value = super().get_attr(target, args, kwargs)
+        return value.to("meta") if isinstance(value, torch.Tensor) else value
+
+
+def _to_meta(x):
+    return x.to("meta") if isinstance(x, torch.Tensor) else x
+
+
 def attach_shapes(gm: fx.GraphModule, inputs: tuple | None) -> bool:
-    """Annotate nodes with output shapes (without computing, when fake tensors allow). True if done."""
+    """Annotate nodes with output shapes (on the meta device when possible, else by running). True if done."""
     if inputs is None:
         return False
-    try:
-        from torch._subclasses.fake_tensor import FakeTensorMode
-        from torch.fx.passes.fake_tensor_prop import FakeTensorProp
-
-        mode = FakeTensorMode(allow_non_fake_inputs=True)
-        FakeTensorProp(gm, mode).propagate(*inputs)
-        return True
-    except Exception:
-        pass
-    try:
-        from torch.fx.passes.shape_prop import ShapeProp
-
-        with torch.no_grad():
+    with torch.no_grad():
+        try:
+            _MetaShapeProp(gm).propagate(*tree_map(_to_meta, inputs))
+            return True
+        except Exception:
+            pass
+        try:
             ShapeProp(gm).propagate(*inputs)
-        return True
-    except Exception:
-        return False
+            return True
+        except Exception:
+            return False
 
 
 def capture(model: nn.Module, example_inputs: tuple | None) -> Capture:

@@ -154,6 +154,16 @@ class Engine:
         self.count = 0
 
     def run(self, graph: Graph) -> RewriteLog:
+        """Rewrite ``graph`` in place to a fixpoint. Local checks run single-threaded: their tensors are
+        tiny, and a thread pool only adds overhead there."""
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return self._run(graph)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _run(self, graph: Graph) -> RewriteLog:
         limit = self.max_rewrites or 20 * len(graph.nodes) + 200
         recent: collections.deque[str] = collections.deque(maxlen=200)
         queue = collections.deque(graph.nodes)

@@ -7,6 +7,7 @@ the training model.
 """
 from __future__ import annotations
 
+import itertools
 import operator
 from typing import Any
 
@@ -75,12 +76,11 @@ class _Namer:
 
     def __call__(self, wanted: str, suffix: str = "") -> str:
         base = "".join(c if c.isalnum() or c in "._" else "_" for c in (wanted or "fused")).strip(".") or "fused"
-        candidates = ([base + suffix] if suffix else [base]) + [f"{base}_fused{k or ''}" + suffix for k in range(100000)]
+        candidates = itertools.chain([base + suffix], (f"{base}_fused{k or ''}{suffix}" for k in itertools.count()))
         for c in candidates:
             if self.free(c):
                 self.claim(c)
                 return c
-        raise RuntimeError("no free name")  # unreachable
 
 
 class _Exporter:
