@@ -7,6 +7,7 @@ the training model.
 """
 from __future__ import annotations
 
+import copy
 import itertools
 import operator
 from typing import Any
@@ -84,8 +85,9 @@ class _Namer:
 
 
 class _Exporter:
-    def __init__(self, g: Graph, source: fx.GraphModule, dtype: torch.dtype | None):
+    def __init__(self, g: Graph, source: fx.GraphModule, dtype: torch.dtype | None, copy_modules: bool):
         self.g, self.source, self.dtype = g, source, dtype
+        self.memo: dict | None = {} if copy_modules else None  # one memo: tied modules stay tied
         self.out = fx.Graph()
         self.attrs: dict[str, Any] = {}
         self.env: dict[int, fx.Node] = {}
@@ -116,8 +118,9 @@ class _Exporter:
             return self.copy_const(a)
 
         new = self.out.node_copy(n, arg)
-        if n.op in ("call_module", "get_attr"):
-            self.attrs[n.target] = self.fetch(n.target)
+        if n.op in ("call_module", "get_attr") and n.target not in self.attrs:
+            value = self.fetch(n.target)
+            self.attrs[n.target] = value if self.memo is None else copy.deepcopy(value, self.memo)
         return new
 
     def copy_const(self, a: fx.Node) -> fx.Node:
@@ -169,6 +172,8 @@ class _Exporter:
 
     def emit_new(self, n: Node, xs: list[fx.Node]) -> fx.Node:
         op, call = _in_dtype(n.op, self.dtype), self.out.call_function
+        if op.dtype is None and n.dtype is not None and n.dtype.is_floating_point:
+            op = op.with_(dtype=n.dtype)  # a new op built without a dtype (e.g. from a pool) takes its node's
         if isinstance(op, Conv):
             x = xs[0]
             if not symmetric(op.padding):
@@ -214,9 +219,10 @@ class _Exporter:
         raise TypeError(f"cannot write back a new {op!r} at '{n.name}'")
 
 
-def export_fx(g: Graph, source: fx.GraphModule, dtype: torch.dtype | None = None) -> fx.GraphModule:
-    """A GraphModule computing ``g``; unchanged parts reference ``source``'s own modules.
+def export_fx(g: Graph, source: fx.GraphModule, dtype: torch.dtype | None = None,
+              copy_modules: bool = False) -> fx.GraphModule:
+    """A GraphModule computing ``g``; unchanged parts are ``source``'s own modules (or copies of them).
 
     New tensors take the dtype recorded on each op, or ``dtype`` when given (float64 for verification).
     """
-    return _Exporter(g, source, dtype).run()
+    return _Exporter(g, source, dtype, copy_modules).run()

@@ -5,8 +5,20 @@ from reparam.rule import require, rule
 from reparam.terms import by_source, rebuild, sum_terms
 
 
+_KEY_FIELDS = ("nd", "stride", "dilation", "groups", "padding_mode", "in_channels", "out_channels")
+
+
 def _key(op: Conv):
-    return (op.nd, op.stride, op.dilation, op.groups, op.padding_mode, op.in_channels, op.out_channels)
+    return tuple(getattr(op, f) for f in _KEY_FIELDS)
+
+
+def _difference(convs) -> str:
+    """Why sibling convs of one input cannot merge: the first key field on which they differ."""
+    for f in _KEY_FIELDS:
+        values = sorted({str(getattr(t.node.op, f)) for t in convs})
+        if len(values) > 1:
+            return f"sibling convs of one input differ in {f.replace('_', ' ')} ({' vs '.join(values)})"
+    return "sibling convs of one input cannot merge"
 
 
 @rule(P(Sum, name="total"))
@@ -18,11 +30,14 @@ def parallel_sum_pad(total):
     equal slack lo + hi − (extent − 1) (checked by kernels.parallel_offsets). Covers asymmetric
     kernels (1×k, k×1, 5×3), explicit F.pad alignment (after pad_fold), subtraction and scalar weights.
     """
+    unmerged = None
     for group in by_source(sum_terms(total)):
         convs = [t for t in group if isinstance(t.node.op, Conv) and len(t.node.users) == 1]
         by_key: dict = {}
         for t in convs:
             by_key.setdefault(_key(t.node.op), []).append(t)
+        if len(by_key) > 1 and all(len(same) < 2 for same in by_key.values()):
+            unmerged = unmerged or _difference(convs)
         for same in by_key.values():
             if len(same) < 2:
                 continue
@@ -32,4 +47,5 @@ def parallel_sum_pad(total):
                 require(False, f"branches are misaligned: {err}")
             first = same[0]
             return rebuild(total, {first.index: (merged(first.source), 1.0)}, {t.index for t in same[1:]})
+    require(unmerged is None, unmerged or "")
     return None
