@@ -248,6 +248,8 @@ class Engine:
         self.count += 1
         self.log.fired(rule, name, f"{len(absorbed)} → {len(new_nodes)} nodes")
         touched = list(new_nodes) + list(out.users)
+        for user in out.users:  # patterns reach below their root: a match rooted two levels up may be new
+            touched.extend(user.users)
         for leaf in leaves:
             touched.append(leaf)
             touched.extend(leaf.users)

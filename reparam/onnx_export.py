@@ -1,0 +1,266 @@
+"""IR → ONNX: write the rewritten graph back through onnx-graphsurgeon.
+
+Unchanged nodes are re-emitted exactly as they were (same op, name, attributes, initializers), only
+their data inputs re-pointed; new ops become Conv/Gemm/MatMul/Mul/Add/Sub/Concat/Slice/Pad/
+AveragePool/ReduceMean/Flatten nodes whose tensors live in NEW uniquely named initializers cast to
+the op's dtype (an existing initializer is never edited: several nodes may share it). Graph inputs,
+outputs (names, order, types), opset, IR version, producer, functions and metadata are the original's.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import torch
+
+from .errors import ReparamError
+from .ir import Graph, Node
+from .onnx_import import OnnxOrigin
+from .ops import (Affine, AvgPool, Cat, Conv, Flatten, Identity, Input, Linear, Mean, Opaque, Pad, Slice, Sum)
+
+_NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64}
+
+
+def _const_name_safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "._/:-" else "_" for c in name) or "fused"
+
+
+class _Exporter:
+    def __init__(self, g: Graph, model: onnx.ModelProto):
+        self.g, self.model = g, model
+        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+        graph = model.graph
+        self.taken: set[str] = {i.name for i in graph.initializer} | {i.name for i in graph.input} | \
+            {o for n in graph.node for o in n.output} | {n.name for n in graph.node if n.name}
+        self.claimed: set[str] = set()
+        self.nodes: list[gs.Node] = []
+        self.tensors: dict[int, gs.Tensor] = {}
+        self.emitted: dict[tuple, list[gs.Variable]] = {}
+        self.want: dict[int, str] = {}
+        self.original_of: dict[str, Node] = {}
+        self.known = g.meta.get("onnx_known", {})
+        for n in g.nodes:
+            o = n.origin
+            if isinstance(o, OnnxOrigin) and o.tensor:
+                self.original_of[o.tensor] = n
+
+    # --- names
+    def fresh(self, base: str) -> str:
+        base = _const_name_safe(base)
+        for k in range(1_000_000):
+            name = base if k == 0 else f"{base}_{k}"
+            if name not in self.taken and name not in self.claimed:
+                self.claimed.add(name)
+                return name
+        raise RuntimeError("no free name")  # unreachable
+
+    def const(self, base: str, values: np.ndarray | torch.Tensor, dtype: torch.dtype | None = None) -> gs.Constant:
+        """A new initializer (never an existing one), cast once to ``dtype`` (the op's deploy dtype)."""
+        if isinstance(values, torch.Tensor):
+            values = values.detach().cpu()
+            if dtype == torch.bfloat16:
+                return gs.Constant(self.fresh(base), np.ascontiguousarray(values.to(torch.float32).numpy()),
+                                   export_dtype=onnx.TensorProto.BFLOAT16)
+            values = values.to(dtype or torch.float32).numpy()
+        return gs.Constant(self.fresh(base), np.ascontiguousarray(values))
+
+    def ints(self, base: str, values) -> gs.Constant:
+        return self.const(base, np.asarray(list(values), dtype=np.int64))
+
+    # --- the walk
+    def live(self) -> list[Node]:
+        seen: set[int] = set()
+        stack = list(self.g.outputs)
+        while stack:
+            n = stack.pop()
+            if n.id not in seen:
+                seen.add(n.id)
+                stack.extend(n.inputs)
+        return [n for n in self.g.nodes if n.id in seen]
+
+    def run(self) -> onnx.ModelProto:
+        names = self.g.meta["onnx_outputs"]
+        for name, n in zip(names, self.g.outputs):
+            o = n.origin
+            if isinstance(o, OnnxOrigin) and o.node is not None and o.tensor == name:
+                continue
+            if o is None and n.id not in self.want and not isinstance(n.op, Identity):
+                self.want[n.id] = name
+                self.claimed.add(name)
+            else:  # written through an Identity at the end
+                self.claimed.add(name)
+        inputs = [self.emit(n) for n in self.g.nodes if isinstance(n.op, Input)]
+        for n in self.live():
+            self.emit(n)
+        outputs = []
+        for name, n in zip(names, self.g.outputs):
+            t = self.tensors[n.id]
+            if t.name != name:
+                out = gs.Variable(name)
+                self.nodes.append(gs.Node("Identity", self.fresh(f"{name}_identity"), inputs=[t], outputs=[out]))
+                t = out
+            outputs.append(t)
+        return self.finish(inputs, outputs)
+
+    def finish(self, inputs, outputs) -> onnx.ModelProto:
+        graph = gs.Graph(nodes=self.nodes, inputs=inputs, outputs=outputs, opset=self.opset)
+        exported = gs.export_onnx(graph, do_type_check=False).graph
+        result = onnx.ModelProto()
+        result.CopyFrom(self.model)
+        g = result.graph
+        produced = {o for n in exported.node for o in n.output}
+        keep_inits = {i.name for i in self.model.graph.input}
+        inits = [i for i in self.model.graph.initializer if i.name in keep_inits]
+        have = {i.name for i in inits}
+        inits += [i for i in exported.initializer if i.name not in have]
+        value_info = [vi for vi in self.model.graph.value_info if vi.name in produced]
+        del g.node[:], g.initializer[:], g.value_info[:]
+        g.node.extend(exported.node)
+        g.initializer.extend(inits)
+        g.value_info.extend(value_info)
+        return result
+
+    def emit(self, n: Node) -> gs.Tensor:
+        if n.id in self.tensors:
+            return self.tensors[n.id]
+        o = n.origin
+        if isinstance(o, OnnxOrigin):
+            t = self.emit_original(n, o)
+        else:
+            t = self.emit_new(n, [self.emit(i) for i in n.inputs])
+        self.tensors[n.id] = t
+        return t
+
+    def original(self, name: str) -> gs.Tensor:
+        """The tensor an unchanged node read by this name (a constant input that is not an IR input)."""
+        n = self.original_of.get(name)
+        if n is not None and n.graph is self.g:
+            return self.emit(n)
+        if name in self.known:
+            return gs.Constant(self.fresh(name), np.asarray(self.known[name]))
+        raise ReparamError(f"internal error: tensor '{name}' is read by an unchanged node but no longer computed")
+
+    def emit_original(self, n: Node, o: OnnxOrigin) -> gs.Tensor:
+        if o.node is None:  # a graph input
+            return gs.Variable(o.tensor, dtype=None)
+        mapping = {name: self.emit(i) for name, i in zip(o.inputs, n.inputs)}
+        inputs = []
+        for t in o.node.inputs:
+            if isinstance(t, gs.Constant):
+                inputs.append(t)
+            elif t.name == "":
+                inputs.append(gs.Variable.empty())
+            else:
+                inputs.append(mapping[t.name] if t.name in mapping else self.original(t.name))
+        key = (id(o.node), tuple(id(t) for t in inputs))
+        if key not in self.emitted:
+            first = not any(k[0] == id(o.node) for k in self.emitted)
+            outs = []
+            for t in o.node.outputs:
+                if t.name == "":
+                    outs.append(gs.Variable.empty())
+                elif first and t.name not in self.claimed:
+                    self.claimed.add(t.name)
+                    outs.append(gs.Variable(t.name))
+                else:
+                    outs.append(gs.Variable(self.fresh(t.name)))
+            name = o.node.name if first else self.fresh(o.node.name or o.node.op)
+            self.nodes.append(gs.Node(o.node.op, name, dict(o.node.attrs), inputs=inputs, outputs=outs,
+                                      domain=o.node.domain))
+            self.emitted[key] = outs
+        return self.emitted[key][o.index]
+
+    # --- new ops
+    def node(self, op: str, base: str, inputs, attrs=None, out: str | None = None) -> gs.Variable:
+        y = gs.Variable(out or self.fresh(f"{base}_{op}_output"))
+        self.nodes.append(gs.Node(op, self.fresh(f"{base}_{op}"), attrs or {}, inputs=list(inputs), outputs=[y]))
+        return y
+
+    def emit_new(self, n: Node, xs: list[gs.Tensor]) -> gs.Tensor:
+        op, base, out = n.op, n.name or "fused", self.want.get(n.id)
+        dt = op.dtype or n.dtype or torch.float32
+        rank = n.inputs[0].rank if n.inputs else None
+        if isinstance(op, Conv):
+            if op.padding_mode != "zeros":
+                raise ReparamError(f"'{base}': ONNX Conv cannot pad with '{op.padding_mode}'")
+            inputs = [xs[0], self.const(f"{base}.weight", op.weight, dt)]
+            if op.bias is not None:
+                inputs.append(self.const(f"{base}.bias", op.bias, dt))
+            attrs = dict(kernel_shape=list(op.kernel_size), strides=list(op.stride), dilations=list(op.dilation),
+                         group=op.groups, pads=[lo for lo, _ in op.padding] + [hi for _, hi in op.padding])
+            return self.node("Conv", base, inputs, attrs, out)
+        if isinstance(op, Linear):
+            if rank == 2:
+                inputs = [xs[0], self.const(f"{base}.weight", op.weight, dt)]
+                if op.bias is not None:
+                    inputs.append(self.const(f"{base}.bias", op.bias, dt))
+                return self.node("Gemm", base, inputs, dict(transB=1), out)
+            y = self.node("MatMul", base, [xs[0], self.const(f"{base}.weight", op.weight.T.contiguous(), dt)],
+                          out=None if op.bias is not None else out)
+            if op.bias is None:
+                return y
+            return self.node("Add", base, [y, self.const(f"{base}.bias", op.bias, dt)], out=out)
+        if isinstance(op, Affine):
+            r = n.rank or rank or (op.axis + 1 if op.axis is not None else 0)
+            has_shift = op.shift is not None and bool(op.shift.any())
+            y = xs[0]
+            if not bool((op.scale == 1).all()) or not has_shift:
+                y = self.node("Mul", base, [y, self.const(f"{base}.scale", op.broadcast(op.scale, r), dt)],
+                              out=None if has_shift else out)
+            if has_shift:
+                y = self.node("Add", base, [y, self.const(f"{base}.shift", op.broadcast(op.shift, r), dt)], out=out)
+            return y
+        if isinstance(op, Sum):
+            return self.emit_sum(op, base, xs, dt, out)
+        if isinstance(op, Pad):
+            k = len(op.pads)
+            pads = [0] * (rank - k) + [lo for lo, _ in op.pads] + [0] * (rank - k) + [hi for _, hi in op.pads]
+            return self.node("Pad", base, [xs[0], self.ints(f"{base}.pads", pads)], dict(mode="constant"), out)
+        if isinstance(op, AvgPool):
+            if op.divisor_override is not None or op.ceil_mode:
+                raise ReparamError(f"'{base}': this AvgPool has no ONNX AveragePool form")
+            attrs = dict(kernel_shape=list(op.kernel_size), strides=list(op.stride), pads=list(op.padding) * 2,
+                         count_include_pad=int(op.count_include_pad))
+            return self.node("AveragePool", base, [xs[0]], attrs, out)
+        if isinstance(op, Cat):
+            return self.node("Concat", base, xs, dict(axis=op.dim), out)
+        if isinstance(op, Slice):
+            inputs = [xs[0], self.ints(f"{base}.starts", [op.start]), self.ints(f"{base}.ends", [op.stop]),
+                      self.ints(f"{base}.axes", [op.dim]), self.ints(f"{base}.steps", [1])]
+            return self.node("Slice", base, inputs, None, out)
+        if isinstance(op, Mean):
+            if self.opset >= 18:
+                return self.node("ReduceMean", base, [xs[0], self.ints(f"{base}.axes", op.dims)],
+                                 dict(keepdims=int(op.keepdim)), out)
+            return self.node("ReduceMean", base, [xs[0]], dict(axes=list(op.dims), keepdims=int(op.keepdim)), out)
+        if isinstance(op, Flatten):
+            s, e = op.start_dim % rank, op.end_dim % rank
+            if s == 1 and e == rank - 1:
+                return self.node("Flatten", base, [xs[0]], dict(axis=1), out)
+            shape = [0] * s + [-1] + list(n.inputs[0].shape[e + 1:])
+            return self.node("Reshape", base, [xs[0], self.ints(f"{base}.shape", shape)], None, out)
+        if isinstance(op, Identity):
+            return self.node("Identity", base, [xs[0]], None, out) if out else xs[0]
+        raise ReparamError(f"cannot write a new {op!r} at '{base}' to ONNX")
+
+    def emit_sum(self, op: Sum, base: str, xs, dt, out):
+        terms = []
+        for c, x in zip(op.coeffs, xs):
+            if c in (1.0, -1.0):
+                terms.append((x, c))
+            else:
+                terms.append((self.node("Mul", base, [x, self.const(f"{base}.coeff", torch.tensor(c), dt)]), 1.0))
+        terms.sort(key=lambda t: -t[1])  # a positive term first, so the chain needs no Neg
+        acc, sign = terms[0]
+        if sign < 0:
+            acc = self.node("Neg", base, [acc], out=out if len(terms) == 1 else None)
+        if len(terms) == 1 and sign > 0 and out:
+            return self.node("Identity", base, [acc], out=out)
+        for k, (x, c) in enumerate(terms[1:], 2):
+            acc = self.node("Add" if c > 0 else "Sub", base, [acc, x], out=out if k == len(terms) else None)
+        return acc
+
+
+def export_onnx(g: Graph, model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` rewritten as ``g`` says (``g`` was imported from ``model``)."""
+    return _Exporter(g, model).run()
