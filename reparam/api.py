@@ -6,11 +6,12 @@ import time
 from typing import Sequence
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
 from . import verify as verify_mod
-from .capture import capture, example_inputs_for, set_submodule
+from .capture import capture, eval_mode, example_inputs_for, set_submodule
 from .engine import Engine
 from .errors import CaptureError, ReparamError, VerificationError
 from .fx_export import export_fx
@@ -33,10 +34,16 @@ def _shapes(inputs: tuple) -> list[list[int]]:
     return [list(t.shape) for t in leaves if isinstance(t, torch.Tensor)]
 
 
-def _rewrite(work: nn.Module, inputs, rules, check, stop_after, report: Report):
-    """Capture ``work`` (an eval copy), rewrite every region, write the regions back.
+def _rewrite(model: nn.Module, inputs, rules, check, stop_after, report: Report):
+    """Capture ``model`` (in eval mode for the while), rewrite every region, write the regions back into
+    a copy. The model itself is left as it was.
 
     Returns the deploy model and a twin whose new tensors are float64 (for exact verification)."""
+    with eval_mode(model):
+        return _rewrite_eval(model, inputs, rules, check, stop_after, report)
+
+
+def _rewrite_eval(work: nn.Module, inputs, rules, check, stop_after, report: Report):
     cap = capture(work, inputs)
     if inputs is not None and cap.regions and cap.regions[0].path == "" and not cap.shaped:
         try:
@@ -48,29 +55,37 @@ def _rewrite(work: nn.Module, inputs, rules, check, stop_after, report: Report):
     if cap.opaque.get("") and cap.regions:
         report.notes.append(f"the model's forward could not be traced as a whole ({cap.opaque['']}); "
                             f"{len(cap.regions)} traceable submodule(s) were fused separately")
-    result = work
-    twin = copy.deepcopy(work) if any(r.path for r in cap.regions) else work
+    result = twin = work
+    if any(r.path for r in cap.regions):
+        result = copy.deepcopy(work)
+        twin = copy.deepcopy(result)
     budget = stop_after
     for region in cap.regions:
-        graph, notes = import_fx(region.gm)
-        report.notes.extend(f"{region.path + ': ' if region.path else ''}{n}" for n in notes)
-        engine = Engine(rules, check=check, stop_after=budget)
-        log = engine.run(graph)
-        prefix = f"{region.path}." if region.path else ""
-        report.rules_fired += [dict(rule=e.rule, where=prefix + e.where, detail=e.detail) for e in log.fired_events()]
-        report.refusals += [dict(rule=e.rule, where=prefix + e.where, detail=e.detail) for e in log.refusals()]
-        fused = export_fx(graph, region.gm)
-        fused64 = export_fx(graph, region.gm, torch.float64)
+        fused, fused64, count = rewrite_graph_module(region.gm, rules, check, budget, report, region.path)
         if region.path:
             set_submodule(result, region.path, fused)
             set_submodule(twin, region.path, fused64)
         else:
             result, twin = fused, fused64
         if budget is not None:
-            budget -= engine.count
+            budget -= count
             if budget <= 0:
                 budget = 0
     return result, twin
+
+
+def rewrite_graph_module(gm: fx.GraphModule, rules, check, stop_after, report: Report, path: str = ""):
+    """Import ``gm`` (shapes attached), rewrite it to a fixpoint, export it back; log into ``report``.
+
+    Returns the deploy GraphModule, its float64 twin and the number of rewrites applied."""
+    graph, notes = import_fx(gm)
+    report.notes.extend(f"{path + ': ' if path else ''}{n}" for n in notes)
+    engine = Engine(rules, check=check, stop_after=stop_after)
+    log = engine.run(graph)
+    prefix = f"{path}." if path else ""
+    report.rules_fired += [dict(rule=e.rule, where=prefix + e.where, detail=e.detail) for e in log.fired_events()]
+    report.refusals += [dict(rule=e.rule, where=prefix + e.where, detail=e.detail) for e in log.refusals()]
+    return export_fx(graph, gm, copy_modules=True), export_fx(graph, gm, torch.float64), engine.count
 
 
 def fuse(model: nn.Module, example_inputs=None, *, rules: Sequence[Rule] | None = None,
@@ -90,18 +105,16 @@ def fuse(model: nn.Module, example_inputs=None, *, rules: Sequence[Rule] | None 
     started = time.perf_counter()
     rep = Report()
     chosen = select_rules(None if rules is None else list(rules), extra_rules, disable, only)
-    work = copy.deepcopy(model)
     if model.training:
         rep.notes.append("the model was in training mode; it was fused in eval mode (BatchNorm uses running "
                          "statistics, dropout is off)")
-    work.eval()
     inputs = _as_tuple(example_inputs)
     if inputs is None:
-        inputs = example_inputs_for(work)
+        inputs = example_inputs_for(model)
         if inputs is not None:
             rep.notes.append(f"no example inputs given; guessed one of shape {_shapes(inputs)}")
     t0 = time.perf_counter()
-    fused, fused64 = _rewrite(work, inputs, chosen, check, _stop_after, rep)
+    fused, fused64 = _rewrite(model, inputs, chosen, check, _stop_after, rep)
     rep.seconds["rewrite"] = time.perf_counter() - t0
     if verify and inputs is not None and _stop_after is None:
         t0 = time.perf_counter()
@@ -139,12 +152,19 @@ def _verify(original: nn.Module, fused: nn.Module, fused64: nn.Module, inputs: t
 
 def _find_culprit(model, inputs, rules, check, tolerance, total: int, rep: Report) -> str:
     """Bisect the rewrite sequence for the first rewrite after which the model stops matching."""
+    def right_after(k: int) -> bool:
+        partial, partial64 = _rewrite(model, inputs, rules, check, k, Report())
+        return _verify(model, partial, partial64, inputs, tolerance).passed
+
+    return bisect_culprit(right_after, total, rep)
+
+
+def bisect_culprit(right_after, total: int, rep: Report) -> str:
+    """The first rewrite after which ``right_after(k)`` (the model is right after k rewrites) fails."""
     lo, hi = 0, total  # the model is right after lo rewrites, wrong after hi
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        work = copy.deepcopy(model).eval()
-        partial, partial64 = _rewrite(work, inputs, rules, check, mid, Report())
-        ok = _verify(model, partial, partial64, inputs, tolerance).passed
+        ok = right_after(mid)
         lo, hi = (mid, hi) if ok else (lo, mid)
     event = rep.rules_fired[hi - 1] if 0 < hi <= len(rep.rules_fired) else None
     return f"rule '{event['rule']}' at '{event['where']}'" if event else "none (the capture itself differs)"

@@ -5,6 +5,7 @@ regions (fused on their own), the rest stays as it was and is reported as opaque
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 
 from dataclasses import dataclass, field
@@ -138,6 +139,18 @@ def _capture_children(module: nn.Module, prefix: str, recorded: dict[str, tuple]
             except Exception as err:
                 out.opaque[path] = _first_line(err)
         _capture_children(child, path, recorded, out)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Put every submodule in eval mode for the duration, then restore each one's own flag."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, flag in flags:
+            m.training = flag
 
 
 def set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:

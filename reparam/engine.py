@@ -164,10 +164,11 @@ class Engine:
             torch.set_num_threads(threads)
 
     def _run(self, graph: Graph) -> RewriteLog:
-        limit = self.max_rewrites or 20 * len(graph.nodes) + 200
+        order = graph.nodes
+        limit = self.max_rewrites or 20 * len(order) + 200
         recent: collections.deque[str] = collections.deque(maxlen=200)
-        queue = collections.deque(graph.nodes)
-        queued = {n.id for n in graph.nodes}
+        queue = collections.deque(order)
+        queued = {n.id for n in order}
         while queue:
             node = queue.popleft()
             queued.discard(node.id)
@@ -224,7 +225,7 @@ class Engine:
                 raise Refusal(f"'{n.name}' is also used by '{who}', so it cannot be absorbed")
 
     def _apply(self, graph: Graph, rule: Rule, root: Node, expr: Expr, absorbed: list[Node]) -> list[Node]:
-        name = common_prefix([n.name for n in absorbed]) or root.name
+        name = common_prefix([n.name for n in absorbed]) or min(absorbed, key=lambda n: n.id).name
         new_nodes: list[Node] = []
 
         def build(e: Expr | Node) -> Node:

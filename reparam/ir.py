@@ -11,7 +11,7 @@ from typing import Any, Iterable
 
 import torch
 
-from .ops import Op
+from .ops import Input, Op
 
 _ids = itertools.count()
 
@@ -64,16 +64,41 @@ class Expr:
 
 
 class Graph:
-    """Nodes in topological order, graph inputs and outputs; keeps users up to date."""
+    """Nodes, graph inputs and outputs; keeps users up to date.
+
+    Nodes are kept in insertion order; ``nodes`` gives a topological order that follows it (a new
+    node is placed just before its first consumer), computed on demand.
+    """
 
     def __init__(self):
-        self.nodes: list[Node] = []
+        self._nodes: dict[int, Node] = {}
         self.outputs: list[Node] = []
         self.meta: dict[str, Any] = {}
 
+    @property
+    def nodes(self) -> list[Node]:
+        order: list[Node] = []
+        done: set[int] = set()
+        for start in self._nodes.values():
+            stack = [(start, False)]
+            while stack:
+                n, expanded = stack.pop()
+                if n.id in done:
+                    continue
+                if expanded:
+                    done.add(n.id)
+                    order.append(n)
+                    continue
+                stack.append((n, True))
+                stack.extend((i, False) for i in reversed(n.inputs) if i.id not in done)
+        return order
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
     def add(self, node: Node) -> Node:
         node.graph = self
-        self.nodes.append(node)
+        self._nodes[node.id] = node
         for i in node.inputs:
             i.users.append(node)
         return node
@@ -91,27 +116,17 @@ class Graph:
     def remove_dead(self, candidates: Iterable[Node]) -> None:
         """Remove candidates that no longer have users (and are not outputs), recursively."""
         stack = list(candidates)
-        dead: set[int] = set()
         while stack:
             n = stack.pop()
-            if n.id in dead or n.users or self.is_output(n) or n.graph is not self:
+            if n.users or n.graph is not self or self.is_output(n) or isinstance(n.op, Input):
                 continue
-            dead.add(n.id)
+            del self._nodes[n.id]
             n.graph = None
             for i in n.inputs:
                 i.users = [u for u in i.users if u is not n]
                 stack.append(i)
-        if dead:
-            self.nodes = [n for n in self.nodes if n.id not in dead]
 
     def insert_before(self, anchor: Node, nodes: list[Node]) -> None:
-        """Place new nodes just before ``anchor`` in the order (their inputs are all earlier)."""
+        """Add new nodes computed before ``anchor`` (their inputs already exist)."""
         for n in nodes:
-            n.graph = self
-            for i in n.inputs:
-                i.users.append(n)
-        k = next(k for k, n in enumerate(self.nodes) if n is anchor)
-        self.nodes[k:k] = nodes
-
-    def topo_index(self) -> dict[int, int]:
-        return {n.id: k for k, n in enumerate(self.nodes)}
+            self.add(n)

@@ -277,7 +277,10 @@ VOCABULARY = (Conv, Linear, Affine, Sum, Pad, AvgPool, Identity, Cat, Slice, Mea
 
 def f64(t: torch.Tensor | None) -> torch.Tensor | None:
     """A detached float64 CPU copy (kernel math never touches the model's own tensors)."""
-    return None if t is None else t.detach().to("cpu", torch.float64).clone()
+    if t is None:
+        return None
+    out = t.detach().to("cpu", torch.float64)
+    return out.clone() if out.data_ptr() == t.data_ptr() else out
 
 
 def symmetric(padding: Pairs) -> bool:
