@@ -23,6 +23,13 @@ def fuse_onnx(*args, **kwargs):
     return _fuse_onnx(*args, **kwargs)
 
 
-__all__ = ["fuse", "fuse_onnx", "rule", "require", "Refusal", "Rule", "P", "X", "ops", "kernels", "Expr", "Graph",
-           "Node", "builtin_rules", "load_rule_file", "select_rules", "Report", "ReparamError", "CaptureError",
-           "FixpointError", "RewriteMismatch", "VerificationError"]
+def fuse_exported(*args, **kwargs):
+    """Fuse a torch.export program (see :func:`reparam.export_backend.fuse_exported`)."""
+    from .export_backend import fuse_exported as _fuse_exported
+
+    return _fuse_exported(*args, **kwargs)
+
+
+__all__ = ["fuse", "fuse_onnx", "fuse_exported", "rule", "require", "Refusal", "Rule", "P", "X", "ops", "kernels",
+           "Expr", "Graph", "Node", "builtin_rules", "load_rule_file", "select_rules", "Report", "ReparamError",
+           "CaptureError", "FixpointError", "RewriteMismatch", "VerificationError"]

@@ -4,6 +4,7 @@ Recognized: nn.Conv1d/2d/3d, nn.BatchNorm1d/2d/3d (eval, running statistics), nn
 nn.Dropout*, nn.AvgPool*, nn.AdaptiveAvgPool(1), nn.Flatten, F.conv*/F.linear on constant weights,
 F.batch_norm on constant buffers (training=False), constant-zero F.pad, +, −, neg, * and / by a scalar
 or a per-axis constant, torch.cat, chunk/split (through their getitems), mean, flatten, dropout(eval).
+ATen overloads (torch.export graphs) are recognized by ``aten_ops``.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import kernels
+from . import aten_ops, kernels
 from .ir import Graph, Node
 from .ops import (Affine, AvgPool, Cat, Conv, Flatten, Identity, Input, Linear, Mean, Opaque, Pad, Slice, Sum, f64)
 
@@ -205,6 +206,8 @@ class _Importer:
 
     # --- functions and methods ---------------------------------------------------------------
     def function(self, n: fx.Node, f, args, kwargs):
+        if aten_ops.is_aten(f):  # torch.export graphs: ATen overloads (see aten_ops)
+            return aten_ops.recognize(self, n, f, args, kwargs)
         if f in (F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d):
             names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
             a = dict(zip(names, args), **kwargs)
@@ -283,6 +286,8 @@ class _Importer:
         src, index = n.args
         if not (isinstance(src, fx.Node) and isinstance(index, int)):
             return None
+        if aten_ops.is_aten(src.target):
+            return aten_ops.getitem(self, n)
         sizes = self.split_sizes(src)
         if sizes is None:
             return None
