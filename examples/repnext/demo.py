@@ -11,6 +11,7 @@ that fired and the matches that were refused, with their reasons.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections import Counter
@@ -99,6 +100,10 @@ def main(argv=None) -> int:
             print(f"  {rule} ×{n}, e.g. at '{first[rule]['where']}': {first[rule]['detail']}")
     for note in rep.notes:
         print(f"note: {note}")
+    load = os.getloadavg()[0]
+    if load > (os.cpu_count() or 1):
+        print(f"note: the machine is busy (1-minute load average {load:.1f} on {os.cpu_count()} CPUs); "
+              f"latencies and times above are inflated")
     return 0
 
 

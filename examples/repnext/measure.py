@@ -70,12 +70,14 @@ def fp64_reference(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return copy.deepcopy(model).double().eval()(x.double())
 
 
-def latencies(models: Sequence[nn.Module], x: torch.Tensor, *, threads: int = 2, rounds: int = 15,
-              inner: int = 3, warmup: int = 3) -> list[float]:
-    """Median seconds per forward of each model, measured interleaved in the same run.
+def latencies(models: Sequence[Callable], x, *, threads: int = 2, rounds: int = 15, inner: int = 3,
+              warmup: int = 3) -> list[float]:
+    """Median seconds per call ``m(x)`` of each model (or any callable), measured interleaved in the same run.
 
-    Each round times ``inner`` back-to-back forwards of every model in turn (so drifts in machine load hit all
-    models alike); the result is the median over ``rounds`` of the per-forward mean."""
+    Each round times ``inner`` back-to-back calls of every model in turn (so drifts in machine load hit all
+    models alike); the result is the median over ``rounds`` of the per-call mean. ``threads`` sets torch's
+    intra-op threads for the duration (callables with their own thread pool, e.g. ONNX Runtime sessions, set
+    theirs themselves)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
