@@ -16,6 +16,7 @@ from .engine import Engine
 from .errors import CaptureError, ReparamError, VerificationError
 from .fx_export import export_fx
 from .fx_import import import_fx
+from .fx_prune import prune_unused
 from .registry import select_rules
 from .report import Report, Verification, count_model
 from .rule import Rule
@@ -51,7 +52,7 @@ def _rewrite_eval(work: nn.Module, inputs, rules, check, stop_after, report: Rep
         except Exception as err:
             raise CaptureError(f"the model does not run on inputs of shape {_shapes(inputs)}: "
                                f"{type(err).__name__}: {err}") from err
-    report.opaque.update({p: why for p, why in cap.opaque.items() if p or not cap.regions})
+    report.opaque.update(cap.opaque)
     if cap.opaque.get("") and cap.regions:
         report.notes.append(f"the model's forward could not be traced as a whole ({cap.opaque['']}); "
                             f"{len(cap.regions)} traceable submodule(s) were fused separately")
@@ -79,6 +80,7 @@ def rewrite_graph_module(gm: fx.GraphModule, rules, check, stop_after, report: R
 
     Returns the deploy GraphModule, its float64 twin and the number of rewrites applied."""
     graph, notes = import_fx(gm)
+    prune_unused(graph)
     report.notes.extend(f"{path + ': ' if path else ''}{n}" for n in notes)
     engine = Engine(rules, check=check, stop_after=stop_after)
     log = engine.run(graph)
