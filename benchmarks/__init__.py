@@ -1,1 +1,1 @@
-"""Benchmark scripts: each prints tables and writes its section of docs/benchmarks.md."""
+"""Benchmark scripts: each prints tables and writes its results under docs/."""
