@@ -3,7 +3,8 @@
     python -m benchmarks.run_all
 
 Each benchmark runs in its own process (so one's thread settings or memory do not skew the next), prints its
-tables and writes its results under docs/ (docs/benchmarks.md and siblings). The exit status is non-zero if any of them failed.
+tables and writes its results under docs/ (docs/benchmarks.md and siblings). The exit status is non-zero if
+any of them failed.
 """
 from __future__ import annotations
 
