@@ -59,6 +59,15 @@ def record_inputs(model: nn.Module, example_inputs: tuple) -> dict[str, tuple]:
     return seen
 
 
+def meta_mirror(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` whose parameters and buffers live on the meta device (no data is copied)."""
+    memo = {}
+    for t in list(module.parameters()) + list(module.buffers()):
+        meta = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(meta, t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    return copy.deepcopy(module, memo)
+
+
 class _MetaShapeProp(ShapeProp):
     """ShapeProp on the 'meta' device: every module and tensor is mirrored without data, so shapes
     come out without computing anything."""
@@ -72,7 +81,7 @@ class _MetaShapeProp(ShapeProp):
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and args and isinstance(args[0], torch.Tensor):
             return torch.empty_like(args[0])  # shape-preserving; its meta kernel would pull in torch._dynamo
         if target not in self._mirrors:
-            self._mirrors[target] = copy.deepcopy(self.fetch_attr(target)).to("meta")
+            self._mirrors[target] = meta_mirror(self.fetch_attr(target))
         return self._mirrors[target](*args, **kwargs)
 
     def call_function(self, target, args, kwargs):
