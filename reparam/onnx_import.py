@@ -4,6 +4,7 @@ Recognized (default domain): Conv (groups, dilations, strides, asymmetric pads, 
 BatchNormalization, Add/Sub (two data inputs → Sum; a per-axis constant → Affine), Mul/Div by a
 constant, Neg, Concat, Split, single-axis unit-step Slice, Identity, inference Dropout, constant-zero
 Pad, AveragePool, GlobalAveragePool, ReduceMean, Flatten(axis=1), Gemm and MatMul with constant weights.
+Subgraphs ONNX Runtime fuses into one kernel (the erf GELU) stay opaque.
 Constant nodes, and nodes whose inputs are all constants (shape arithmetic on static dimensions
 included), become Opaque nodes carrying their value. Shapes come from ONNX shape inference on a copy
 of the model whose dynamic input dimensions were fixed; decisions that must hold for every input size
@@ -189,6 +190,7 @@ class _Importer:
                 break
             self.static, _ = value_infos(infer(with_known(model, self.known)))
         self.shapes, self.types = value_infos(infer(with_known(shaped, self.known)))  # fixed input dims
+        self.sealed = runtime_fused(self.gs, self.const)
         self.consumers: dict[str, int] = {}
         for n in self.gs.nodes:
             for t in n.inputs:
@@ -320,7 +322,7 @@ class _Importer:
     # --- recognizers: (op, data inputs) or None
     def op(self, n: gs.Node, k: int):
         fn = getattr(self, f"op_{n.op}", None)
-        if fn is None:
+        if fn is None or id(n) in self.sealed:
             return None
         if k > 0 and n.op != "Split":
             return None
@@ -594,6 +596,38 @@ class _Importer:
         if not self.is_data(x) or b is None or b.ndim != 2 or rank is None or rank < 2:
             return None
         return Linear(_f64(b).T.contiguous(), None, dtype=self.dtype(x.name)), [x]
+
+
+def runtime_fused(graph: gs.Graph, const) -> set[int]:
+    """Nodes of subgraphs ONNX Runtime fuses into one kernel, kept opaque so a rewrite (a scalar folded into
+    the next conv) does not break that fusion: the erf GELU x·½·(1 + erf(x/√2)) in the orders torch emits."""
+    users: dict[str, list[gs.Node]] = {}
+    for n in graph.nodes:
+        for t in n.inputs:
+            users.setdefault(t.name, []).append(n)
+
+    def scalar(n: gs.Node) -> bool:
+        return n.op in ("Add", "Mul", "Div") and any(
+            const(t) is not None and np.size(const(t)) == 1 for t in n.inputs)
+
+    sealed: set[int] = set()
+    for erf in graph.nodes:
+        if erf.op != "Erf" or not erf.inputs[0].inputs:
+            continue
+        pre = erf.inputs[0].inputs[0]
+        after = users.get(erf.outputs[0].name, [])
+        if not (scalar(pre) and len(after) == 1 and after[0].op == "Add" and scalar(after[0])):
+            continue
+        x = next(t for t in pre.inputs if const(t) is None)
+        group, frontier = [pre, erf, after[0]], [after[0]]
+        for _ in range(2):  # the two products with x and ½, in either order
+            frontier = [u for f in frontier for u in users.get(f.outputs[0].name, []) if u.op == "Mul"]
+            group += frontier
+            for m in frontier:  # ½·x computed first
+                group += [t.inputs[0] for t in m.inputs if t.inputs and t.inputs[0].op == "Mul" and scalar(
+                    t.inputs[0]) and any(i is x for i in t.inputs[0].inputs)]
+        sealed.update(id(n) for n in group)
+    return sealed
 
 
 def _per_axis(c, shape: Shape | None, out_shape: Shape | None):

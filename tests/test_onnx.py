@@ -207,6 +207,17 @@ class Nested(nn.Module):
         return (self.a(x) + F.relu(x)) + self.b(x)
 
 
+class Gelu(nn.Module):
+    """ONNX Runtime fuses the erf GELU into one kernel: its ½ must not be folded into the next conv."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.a, self.bn, self.b = nn.Conv2d(c, c, 3, padding=1), bn(c), nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        return self.b(F.gelu(self.bn(self.a(x))))
+
+
 BLOCKS = {
     "repvgg": (RepVGG, (1, 8, 12, 12), {"Conv": 1, "Relu": 1}, {"conv_bn_fold", "identity_to_conv",
                                                                  "parallel_sum_pad"}),
@@ -219,6 +230,8 @@ BLOCKS = {
     "linear_heads": (Heads, (1, 3, 12, 12), {"Conv": 1, "Relu": 1, "ReduceMean": 1, "Gemm": 1},
                      {"linear_sum", "affine_through_pool", "bn_prefold"}),
     "bn_after_concat": (CatBN, (1, 8, 12, 12), {"Conv": 2, "Concat": 1}, {"concat_affine_split", "conv_bn_fold"}),
+    "gelu": (Gelu, (1, 8, 12, 12), {"Conv": 2, "Constant": 3, "Div": 1, "Erf": 1, "Add": 1, "Mul": 2},
+             {"conv_bn_fold"}),
     "nested_sum": (Nested, (1, 8, 12, 12), {"Conv": 1, "Relu": 1, "Add": 1}, {"sum_flatten", "parallel_sum_pad"}),
     "serial_1x1_3x3": (Serial, (1, 8, 12, 12), {"Conv": 1}, {"serial_merge"}),
     "pad_scale": (PadScale, (1, 8, 12, 12), {"Conv": 1, "Relu": 1}, {"pad_fold", "conv_bn_fold"}),
