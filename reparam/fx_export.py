@@ -176,8 +176,10 @@ class _Exporter:
             op = op.with_(dtype=n.dtype)  # a new op built without a dtype (e.g. from a pool) takes its node's
         if isinstance(op, Conv):
             x = xs[0]
-            if not symmetric(op.padding):
-                x = call(F.pad, (x, [p for lo, hi in reversed(op.padding) for p in (lo, hi)]))
+            if not symmetric(op.padding):  # nn.Conv pads symmetrically: pad explicitly, conv unpadded
+                mode = "constant" if op.padding_mode == "zeros" else op.padding_mode
+                x = call(F.pad, (x, [p for lo, hi in reversed(op.padding) for p in (lo, hi)]), {"mode": mode})
+                op = op.with_(padding_mode="zeros")
             target = self.name(n.name)
             self.attrs[target] = conv_module(op)
             return self.out.call_module(target, (x,))

@@ -17,6 +17,7 @@ class Term:
     node: Node  # the branch (an input of the Sum)
     coeff: float
     source: Node  # what the branch reads: a conv's input, or the node itself for an identity branch
+    broadcast: bool = False  # its shape differs from the sum's (branch rules leave it alone)
 
     @property
     def is_identity(self) -> bool:
@@ -24,19 +25,24 @@ class Term:
 
 
 def sum_terms(total: Node) -> list[Term]:
-    """The Sum's terms; a conv/linear/avgpool branch's source is its input, any other branch is x itself."""
+    """The Sum's terms; a conv/linear/avgpool branch's source is its input, any other branch is x itself.
+
+    Empty when the output shape is unknown. A term whose shape differs from the sum's is broadcast."""
+    if total.shape is None:
+        return []
     out = []
     for k, (n, c) in enumerate(zip(total.inputs, total.op.coeffs)):
         src = n.inputs[0] if isinstance(n.op, _BRANCH_OPS) else n
-        out.append(Term(k, n, c, src))
+        out.append(Term(k, n, c, src, n.shape != total.shape))
     return out
 
 
 def by_source(terms: list[Term]) -> list[list[Term]]:
-    """Terms grouped by the node they read, in first-seen order."""
+    """Terms that are not broadcast, grouped by the node they read, in first-seen order."""
     groups: dict[int, list[Term]] = {}
     for t in terms:
-        groups.setdefault(t.source.id, []).append(t)
+        if not t.broadcast:
+            groups.setdefault(t.source.id, []).append(t)
     return list(groups.values())
 
 

@@ -26,12 +26,20 @@ def parallel_sum_pad(total):
     """Σ cᵢ·convᵢ(x) = conv(x): kernels zero-padded to the union footprint and summed, biases summed.
 
     Exact when the convs read the same x with equal stride, dilation, groups, channels and padding
-    mode, and every kernel's centre lands on the same input pixel: per axis, lo − (extent−1)/2 … i.e.
-    equal slack lo + hi − (extent − 1) (checked by kernels.parallel_offsets). Covers asymmetric
+    mode, and their kernels line up: per axis, equal slack lo + hi − (extent − 1), so equal output
+    sizes for every input size (checked by kernels.parallel_offsets). Covers asymmetric
     kernels (1×k, k×1, 5×3), explicit F.pad alignment (after pad_fold), subtraction and scalar weights.
     """
+    terms = sum_terms(total)
+    sizes = {}
+    for t in terms:
+        if isinstance(t.node.op, Conv):
+            sizes.setdefault(t.source.id, set()).add(t.node.shape)
+    uneven = next((s for s in sizes.values() if len(s) > 1), None)
+    require(uneven is None, f"branches are misaligned: convs of one input give shapes {sorted(uneven or [])}, "
+            f"which the sum broadcasts")
     unmerged = None
-    for group in by_source(sum_terms(total)):
+    for group in by_source(terms):
         convs = [t for t in group if isinstance(t.node.op, Conv) and len(t.node.users) == 1]
         by_key: dict = {}
         for t in convs:

@@ -33,7 +33,6 @@ def serial_merge(x, first, second):
     a, b = first.op, second.op
     if isinstance(a, Linear) or isinstance(b, Linear):
         require(isinstance(a, Linear) and isinstance(b, Linear), "a conv and a linear do not compose")
-        require(second.rank == 2, "linear on a rank > 2 tensor")
         return opmath.compose_linear(a, b)(x)
     require(a.padding_mode == b.padding_mode == "zeros", "non-zero padding modes do not compose")
     bias_zero = a.bias is None or not bool(a.bias.any())
