@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 import reparam
 from reparam.testing import (BN, CONV, POOL, Branches, ConvSpec, LayerScale, Scale, ZeroPad, assert_equivalent,
-                             conv_specs, count_ops, linear_blocks, randomize_params)
+                             assert_refuses, conv_specs, count_ops, linear_blocks, randomize_params)
 
 RTOL = 1e-9
 LIMIT = {1: 12, 2: 12, 3: 6}  # the largest spatial size drawn per dimensionality
@@ -276,16 +276,14 @@ def test_parallel_sum_pad(data):
     scalar weights, shared stride/dilation/groups → one conv."""
     nd = data.draw(dims)
     first = data.draw(specs(nd, padding="same"))
-    n_branches = data.draw(st.integers(2, 3))
     branches = [first]
-    for _ in range(n_branches - 1):
-        s = data.draw(specs(nd, in_channels=first.in_channels, out_channels=first.out_channels, padding="same",
-                            strides=(1,), dilations=(1,), groups="dense"))
-        branches.append(ConvSpec(nd, first.in_channels, first.out_channels, s.kernel_size, first.stride,
-                                 first.dilation, tuple((lo, e - 1 - lo) for (lo, _), e in
-                                                       zip(s.padding, ConvSpec(nd, 1, 1, s.kernel_size, (1,) * nd,
-                                                                               first.dilation, s.padding).extent)),
-                                 first.groups, s.bias))
+    for _ in range(data.draw(st.integers(1, 2))):
+        # another kernel (non-square, any size), same stride/dilation/groups, any (lo, hi) with the same slack
+        ks = data.draw(st.tuples(*[st.sampled_from(geometry(nd)["kernel_sizes"])] * nd))
+        extent = [d * (k - 1) + 1 for d, k in zip(first.dilation, ks)]
+        pads = tuple((lo, e - 1 - lo) for lo, e in zip((data.draw(st.integers(0, e - 1)) for e in extent), extent))
+        branches.append(ConvSpec(nd, first.in_channels, first.out_channels, ks, first.stride, first.dilation, pads,
+                                 first.groups, data.draw(st.booleans())))
     coeffs = [1.0] + [data.draw(st.sampled_from([1.0, -1.0, 0.5, 2.0])) for _ in branches[1:]]
     model = build(Branches([b.module() for b in branches], coeffs), data.draw)
     x = example(data.draw, nd, first.in_channels, max(b.min_size() for b in branches))
@@ -320,9 +318,10 @@ def test_linear_sum(data):
     assert n["linears"] == 1 and n["bns"] == 0 and n["ops"] == 1
 
 
-@given(st.data(), st.sampled_from(["1x1-kxk", "kxk-1x1", "1x1-1x1"]))
+@given(st.data(), st.sampled_from(["1x1-kxk", "kxk-1x1", "1x1-1x1", "1x1(bias)-kxk(padded)"]))
 def test_serial_merge(data, form):
-    """1×1 → k×k (exact: the 1×1 has no bias, or the k×k is unpadded), k×k → 1×1, 1×1 → 1×1 → one conv."""
+    """1×1 → k×k (exact: the 1×1 has no bias, or the k×k is unpadded), k×k → 1×1, 1×1 → 1×1 → one conv;
+    a 1×1 with a bias before a zero-padded k×k is refused (the border would see the bias) and stays two convs."""
     nd = data.draw(dims)
     cin, cout = data.draw(st.integers(1, 6)), data.draw(st.integers(1, 6))
     mid = max(cin, cout) + data.draw(st.integers(0, 2))  # wide enough that the merged conv is cheaper
@@ -334,11 +333,19 @@ def test_serial_merge(data, form):
         k = data.draw(specs(nd, in_channels=mid, out_channels=cout, groups="dense"))
         bias = data.draw(st.booleans()) and all(p == (0, 0) for p in k.padding)
         first, second = one(cin, mid, bias), k
+    elif form == "1x1(bias)-kxk(padded)":
+        k = data.draw(specs(nd, in_channels=mid, out_channels=cout, groups="dense").filter(
+            lambda s: any(p != (0, 0) for p in s.padding)))
+        first, second = one(cin, mid, True), k
     else:
         k = data.draw(specs(nd, in_channels=cin, out_channels=mid, groups="dense"))
         first, second = k, one(mid, cout, data.draw(st.booleans()))
     model = build(nn.Sequential(first.module(), second.module()), data.draw)
     x = example(data.draw, nd, cin, max(first.min_size(), second.min_size()))
+    if form == "1x1(bias)-kxk(padded)":
+        fused, report = assert_refuses("serial_merge", model, (x,), "bias", rtol=RTOL)
+        assert "serial_merge" not in report.fired_counts() and count_ops(fused)["convs"] == 2
+        return
     _, _, n = fuse_fired("serial_merge", model, x, times=1)
     assert n["convs"] == 1
 
