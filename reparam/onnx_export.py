@@ -16,7 +16,7 @@ import torch
 from .errors import ReparamError
 from .ir import Graph, Node
 from .onnx_import import OnnxOrigin
-from .ops import (Affine, AvgPool, Cat, Conv, Flatten, Identity, Input, Linear, Mean, Opaque, Pad, Slice, Sum)
+from .ops import Affine, AvgPool, Cat, Conv, Flatten, Identity, Input, Linear, Mean, Pad, Slice, Sum
 
 _NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64}
 
@@ -36,6 +36,7 @@ class _Exporter:
         self.nodes: list[gs.Node] = []
         self.tensors: dict[int, gs.Tensor] = {}
         self.emitted: dict[tuple, list[gs.Variable]] = {}
+        self.emitted_nodes: set[int] = set()
         self.want: dict[int, str] = {}
         self.original_of: dict[str, Node] = {}
         self.known = g.meta.get("onnx_known", {})
@@ -154,7 +155,8 @@ class _Exporter:
                 inputs.append(mapping[t.name] if t.name in mapping else self.original(t.name))
         key = (id(o.node), tuple(id(t) for t in inputs))
         if key not in self.emitted:
-            first = not any(k[0] == id(o.node) for k in self.emitted)
+            first = id(o.node) not in self.emitted_nodes
+            self.emitted_nodes.add(id(o.node))
             outs = []
             for t in o.node.outputs:
                 if t.name == "":
@@ -179,7 +181,10 @@ class _Exporter:
     def emit_new(self, n: Node, xs: list[gs.Tensor]) -> gs.Tensor:
         op, base, out = n.op, n.name or "fused", self.want.get(n.id)
         dt = op.dtype or n.dtype or torch.float32
-        rank = n.inputs[0].rank if n.inputs else None
+        rank = n.inputs[0].rank if n.inputs else n.rank
+        if rank is None and isinstance(op, (Pad, Flatten)) or (
+                isinstance(op, Affine) and not op.is_scalar and (n.rank or rank) is None):
+            raise ReparamError(f"'{base}': the rank of the new {type(op).__name__} is unknown")
         if isinstance(op, Conv):
             if op.padding_mode != "zeros":
                 raise ReparamError(f"'{base}': ONNX Conv cannot pad with '{op.padding_mode}'")
@@ -201,7 +206,7 @@ class _Exporter:
                 return y
             return self.node("Add", base, [y, self.const(f"{base}.bias", op.bias, dt)], out=out)
         if isinstance(op, Affine):
-            r = n.rank or rank or (op.axis + 1 if op.axis is not None else 0)
+            r = n.rank or rank or 0
             has_shift = op.shift is not None and bool(op.shift.any())
             y = xs[0]
             if not bool((op.scale == 1).all()) or not has_shift:
