@@ -352,6 +352,28 @@ def test_shared_initializer_is_not_edited():
     assert c1.input[1] != "w" and c1.input[1] in inits
 
 
+def test_float16_model_gets_float16_initializers():
+    rng = np.random.default_rng(4)
+
+    def h(name, a):
+        return numpy_helper.from_array(np.asarray(a, dtype=np.float16), name)
+
+    nodes = [helper.make_node("Conv", ["x", "w3"], ["a"], pads=[1, 1, 1, 1], name="c3"),
+             helper.make_node("BatchNormalization", ["a", "g", "be", "mu", "var"], ["an"], name="bn"),
+             helper.make_node("Conv", ["x", "w1", "b1"], ["b"], name="c1"),
+             helper.make_node("Add", ["an", "b"], ["y"], name="add")]
+    inits = [h("w3", rng.standard_normal((4, 4, 3, 3)) * 0.3), h("g", rng.random(4) + 0.5),
+             h("be", rng.standard_normal(4)), h("mu", rng.standard_normal(4) * 0.1), h("var", rng.random(4) + 0.5),
+             h("w1", rng.standard_normal((4, 4, 1, 1)) * 0.3), h("b1", rng.standard_normal(4))]
+    vi = [helper.make_tensor_value_info(n, TensorProto.FLOAT16, [1, 4, 8, 8]) for n in ("x", "y")]
+    model = _model(nodes, inits, vi[:1], vi[1:])
+    fused, rep = reparam.fuse_onnx(model, report=True, tolerance=1e-2)  # float16 rounding on both sides
+    onnx.checker.check_model(fused, full_check=True)
+    assert dict(ops(fused)) == {"Conv": 1}
+    assert {i.data_type for i in fused.graph.initializer} == {TensorProto.FLOAT16}
+    assert rep.verification.error_fp64 < 1e-12
+
+
 # --- traps (transforms.md) stay two ops and exact -------------------------------------------------
 class Sep1x11(nn.Module):
     def __init__(self, c=4):
