@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 
 from dataclasses import dataclass, field
 from typing import Any
@@ -102,7 +103,8 @@ def attach_shapes(gm: fx.GraphModule, inputs: tuple | None) -> bool:
     """Annotate nodes with output shapes (on the meta device when possible, else by running). True if done."""
     if inputs is None:
         return False
-    with torch.no_grad():
+    # ShapeProp prints a traceback to stderr before raising; the failure is handled here, so keep it quiet
+    with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
         try:
             _MetaShapeProp(gm).propagate(*tree_map(_to_meta, inputs))
             return True

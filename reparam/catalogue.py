@@ -1,0 +1,36 @@
+"""The rule catalogue: every rule's name, the identity it applies (first docstring line) and its full doc.
+
+``reparam rules`` prints it; ``render_markdown()`` generates docs/rules.md from the same data, so the
+documentation cannot drift from the code.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from .registry import builtin_rules
+from .rule import Rule
+
+
+def rule_catalogue(rules: Sequence[Rule] | None = None) -> list[tuple[str, str, str]]:
+    """``(name, identity, doc)`` for ``rules`` (default: the built-in rules), in the order they are tried."""
+    chosen = builtin_rules() if rules is None else list(rules)
+    return [(r.name, r.identity, r.doc.strip()) for r in chosen]
+
+
+def render_markdown(rules: Sequence[Rule] | None = None) -> str:
+    """A Markdown page: a summary table (name → identity) then one section per rule with its full doc."""
+    entries = rule_catalogue(rules)
+    lines = ["# Built-in rules", "",
+             "Generated from the rules' docstrings by `reparam.catalogue.render_markdown()` "
+             "(`reparam rules` prints the same list). The engine tries them in this order at every node; "
+             "the first rule that applies wins.", "",
+             "| # | rule | identity |", "|---|------|----------|"]
+    for i, (name, identity, _) in enumerate(entries, 1):
+        lines.append(f"| {i} | [`{name}`](#{name}) | {_cell(identity)} |")
+    for name, identity, doc in entries:
+        lines += ["", f"## {name}", "", doc or identity]
+    return "\n".join(lines) + "\n"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
