@@ -251,7 +251,8 @@ class Engine:
         touched = list(new_nodes) + list(out.users)
         for user in out.users:  # patterns reach below their root: a match rooted two levels up may be new
             touched.extend(user.users)
-        for leaf in leaves:
+        for leaf in leaves:  # and rules that look down from their root (a pool beside a conv in a sum)
             touched.append(leaf)
             touched.extend(leaf.users)
+            touched.extend(leaf.inputs)
         return touched

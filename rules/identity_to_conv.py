@@ -19,13 +19,14 @@ def identity_to_conv(total):
             continue
         like = convs[0].node.op
         src = convs[0].source
-        for t in group:
-            if not t.is_identity:
+        # x itself as a term; x may be any op (even a conv: x = conv0(y); x + conv(x))
+        for t in terms:
+            if t.node is not src:
                 continue
             ok = (like.in_channels == like.out_channels == src.channels and all(s == 1 for s in like.stride))
             if ok:
                 ident = opmath.identity_conv(like.in_channels, like.groups, like.nd, like)
-                return rebuild(total, {t.index: (ident(t.source), t.coeff)})
+                return rebuild(total, {t.index: (ident(src), t.coeff)})
     # an affine branch a(x) whose x also feeds a conv branch of this sum
     conv_sources = {t.source.id: t.node.op for t in terms if isinstance(t.node.op, Conv)}
     for t in terms:
