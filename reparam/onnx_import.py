@@ -179,9 +179,9 @@ class _Importer:
             idx = self.const(n.inputs[1])
             dims = self.partial[n.inputs[0].name]
             if idx is not None and _attr(n, "axis", 0) == 0:
-                picked = np.asarray(dims, dtype=object)[np.asarray(idx)]
-                if all(d is not None for d in np.ravel(picked)):
-                    self.known[n.outputs[0].name] = np.asarray(picked.tolist(), dtype=np.int64)
+                picked = np.asarray(np.asarray(dims, dtype=object)[np.asarray(idx)], dtype=object)
+                if all(d is not None for d in picked.ravel()):
+                    self.known[n.outputs[0].name] = picked.astype(np.int64)
             return
         inputs = [t for t in n.inputs if t.name != ""]
         if not inputs or any(self.const(t) is None for t in inputs):

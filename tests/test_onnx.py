@@ -332,6 +332,30 @@ def test_identity_nodes_split_and_slice():
     assert {"identity_elim", "concat_affine_split", "conv_bn_fold"} <= set(rep.fired_counts())
 
 
+def test_slice_bounds_computed_from_a_static_dim_of_a_dynamic_input():
+    """torch's chunk export: Slice bounds from Shape(x)[1] / 2 fold (channels are static, batch is not)."""
+    rng = np.random.default_rng(5)
+    i64 = (lambda name, a: numpy_helper.from_array(np.asarray(a, dtype=np.int64), name))
+    nodes = [helper.make_node("Shape", ["x"], ["shape"], name="shape"),
+             helper.make_node("Gather", ["shape", "one"], ["c"], axis=0, name="gather"),
+             helper.make_node("Div", ["c", "two"], ["half"], name="div"),
+             helper.make_node("Unsqueeze", ["half", "zero1"], ["h1"], name="unsq"),
+             helper.make_node("Slice", ["x", "zero1", "h1", "one1"], ["s0"], name="lo"),
+             helper.make_node("Slice", ["x", "h1", "big", "one1"], ["s1"], name="hi"),
+             helper.make_node("Conv", ["s0", "wa"], ["a"], pads=[1, 1, 1, 1], name="ca"),
+             helper.make_node("Conv", ["s1", "wb"], ["b"], name="cb"),
+             helper.make_node("Concat", ["a", "b"], ["cat"], axis=1, name="cat"),
+             helper.make_node("BatchNormalization", ["cat", "g", "be", "mu", "var"], ["y"], name="bn")]
+    inits = [i64("one", 1), i64("two", 2), i64("zero1", [0]), i64("one1", [1]), i64("big", [2 ** 62]),
+             _init("wa", rng.standard_normal((3, 3, 3, 3))), _init("wb", rng.standard_normal((3, 3, 1, 1))),
+             _init("g", rng.random(6) + 0.5), _init("be", rng.standard_normal(6)), _init("mu", rng.standard_normal(6)),
+             _init("var", rng.random(6) + 0.5)]
+    model = _model(nodes, inits, [_vi("x", ["N", 6, 8, 8])], [_vi("y", ["N", 6, 8, 8])])
+    fused, rep = fuse_and_compare(model, [(2, 6, 8, 8)])
+    assert ops(fused)["BatchNormalization"] == 0 and ops(fused)["Conv"] == 2
+    assert {"concat_affine_split", "conv_bn_fold"} <= set(rep.fired_counts())
+
+
 def test_shared_initializer_is_not_edited():
     """Two convs share one weight initializer; only one is followed by BN: the other stays as it was."""
     rng = np.random.default_rng(3)
