@@ -234,6 +234,8 @@ class _Exporter:
                       self.ints(f"{base}.axes", [op.dim]), self.ints(f"{base}.steps", [1])]
             return self.node("Slice", base, inputs, None, out)
         if isinstance(op, Mean):
+            if op.keepdim and rank and rank > 2 and tuple(sorted(d % rank for d in op.dims)) == tuple(range(2, rank)):
+                return self.node("GlobalAveragePool", base, [xs[0]], None, out)
             if self.opset >= 18:
                 return self.node("ReduceMean", base, [xs[0], self.ints(f"{base}.axes", op.dims)],
                                  dict(keepdims=int(op.keepdim)), out)

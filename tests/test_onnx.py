@@ -147,7 +147,7 @@ class Heads(nn.Module):
         self.bn, self.h1, self.h2 = bn(c, 1), nn.Linear(c, 5), nn.Linear(c, 5)
 
     def forward(self, x):
-        y = self.bn2d(F.relu(self.stem(x))).mean((2, 3))
+        y = F.adaptive_avg_pool2d(self.bn2d(F.relu(self.stem(x))), 1).flatten(1)
         y = self.bn(y)
         return (self.h1(y) + self.h2(y)) / 2
 
@@ -227,7 +227,7 @@ BLOCKS = {
     "residual": (Residual, (1, 8, 12, 12), {"Conv": 1}, {"identity_to_conv"}),
     "groups": (GroupsMix, (1, 8, 12, 12), {"Conv": 1}, {"groups_merge", "parallel_sum_pad"}),
     "bn_before_1x1": (BNBefore1x1, (1, 3, 12, 12), {"Conv": 2, "Relu": 1}, {"bn_prefold"}),
-    "linear_heads": (Heads, (1, 3, 12, 12), {"Conv": 1, "Relu": 1, "ReduceMean": 1, "Gemm": 1},
+    "linear_heads": (Heads, (1, 3, 12, 12), {"Conv": 1, "Relu": 1, "GlobalAveragePool": 1, "Flatten": 1, "Gemm": 1},
                      {"linear_sum", "affine_through_pool", "bn_prefold"}),
     "bn_after_concat": (CatBN, (1, 8, 12, 12), {"Conv": 2, "Concat": 1}, {"concat_affine_split", "conv_bn_fold"}),
     "gelu": (Gelu, (1, 8, 12, 12), {"Conv": 2, "Constant": 3, "Div": 1, "Erf": 1, "Add": 1, "Mul": 2},
@@ -366,7 +366,9 @@ def test_shared_initializer_is_not_edited():
     inits = [_init("w", w), _init("g", rng.random(4) + 0.5), _init("be", rng.standard_normal(4)),
              _init("mu", rng.standard_normal(4)), _init("var", rng.random(4) + 0.5)]
     model = _model(nodes, inits, [_vi("x", [1, 4, 8, 8])], [_vi("y1", [1, 4, 8, 8]), _vi("y2", [1, 4, 8, 8])])
+    onnx.helper.set_model_props(model, {"author": "someone", "license": "MIT"})
     fused, _ = fuse_and_compare(model, [(1, 4, 8, 8)])
+    assert {p.key: p.value for p in fused.metadata_props} == {"author": "someone", "license": "MIT"}
     assert dict(ops(fused)) == {"Conv": 2}
     c2 = next(n for n in fused.graph.node if n.name == "c2")
     assert list(c2.input) == ["x", "w"]
