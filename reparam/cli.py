@@ -221,6 +221,8 @@ def fuse(model: ModelArg,
     """Fuse IN and write the deploy model to OUT (format chosen by OUT's extension).
 
     Example: reparam fuse examples.repnext:repnext_m1 --weights ckpt.pth -s 1,3,224,224 -o deploy.pt
+
+    Exit codes: 0 written; 2 usage or input error; 3 verification failed. On failure nothing is written.
     """
     def body():
         fmt = output_format(output)
