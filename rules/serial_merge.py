@@ -1,4 +1,5 @@
 import math
+from types import SimpleNamespace
 
 from reparam import kernels, opmath
 from reparam.ops import Conv, Linear, Sum
@@ -38,9 +39,22 @@ def serial_merge(x, first, second):
     bias_zero = a.bias is None or not bool(a.bias.any())
     reason = kernels.serial_is_exact(a.kernel_size, bias_zero, a.stride, a.dilation, a.padding, b.padding)
     require(reason is None, reason or "")
-    composite = opmath.compose(a, b)
-    cheaper = opmath.macs_per_pixel(composite) <= opmath.macs_per_pixel(a) * math.prod(b.stride) + \
-        opmath.macs_per_pixel(b)
-    require(cheaper or _absorbed_by_sibling(second, composite, x),
+    shape = _composite_shape(a, b)  # decide on cost before building the (possibly large) kernel
+    cheaper = shape.macs <= opmath.macs_per_pixel(a) * math.prod(b.stride) + opmath.macs_per_pixel(b)
+    require(cheaper or _absorbed_by_sibling(second, shape, x),
             "the merged conv would cost more multiply-adds than the two convs")
-    return composite(x)
+    return opmath.compose(a, b)(x)
+
+
+def _composite_shape(a: Conv, b: Conv) -> SimpleNamespace:
+    """groups, stride, extent and multiply-adds per output pixel of ``opmath.compose(a, b)``, without its kernel
+    (the kernel has taps j·d₂·s₁ + l·d₁ in units of their gcd, as in kernels.compose_serial)."""
+    g = math.gcd(a.groups, b.groups)
+    size = []
+    for k1, k2, d1, d2, s1 in zip(a.kernel_size, b.kernel_size, a.dilation, b.dilation, a.stride):
+        steps = ([d2 * s1] if k2 > 1 else []) + ([d1] if k1 > 1 else [])
+        d = math.gcd(*steps) if steps else 1
+        size.append((k2 - 1) * (d2 * s1 // d) + (k1 - 1) * (d1 // d) + 1)
+    extent = tuple((e2 - 1) * s1 + e1 for e1, e2, s1 in zip(a.extent, b.extent, a.stride))
+    return SimpleNamespace(groups=g, stride=tuple(s1 * s2 for s1, s2 in zip(a.stride, b.stride)), extent=extent,
+                           macs=b.out_channels * (a.in_channels // g) * math.prod(size))

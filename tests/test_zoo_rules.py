@@ -302,3 +302,27 @@ def test_averaged_normalized_heads_become_one_linear(c, classes, seed):
     counts = count_model(fused)
     assert (counts.linears, counts.bns) == (1, 0)
     assert calls(fused, __import__("operator").truediv, torch.div) == 0
+
+
+# --- serial_merge decides on cost before composing -------------------------------------------------
+
+@given(st.data())
+def test_serial_merge_predicts_the_composite_shape_without_building_it(data):
+    """The shape serial_merge's cost guard uses is exactly the composed conv's (groups, stride, extent, MACs)."""
+    import importlib
+
+    from reparam import opmath
+    from reparam.ops import Conv
+
+    serial_merge = importlib.import_module("rules.serial_merge")
+    nd = data.draw(st.integers(1, 2))
+    axis = lambda values: st.tuples(*[st.sampled_from(values)] * nd)  # noqa: E731
+    g1, g2 = data.draw(st.sampled_from([1, 2, 4])), data.draw(st.sampled_from([1, 2, 4]))
+    c0, c1, c2 = (4 * data.draw(st.integers(1, 2)) for _ in range(3))
+    a = Conv(torch.randn(c1, c0 // g1, *data.draw(axis([1, 2, 3, 5])), dtype=torch.float64), None,
+             data.draw(axis([1, 2])), ((0, 0),) * nd, data.draw(axis([1, 2, 3])), g1)
+    b = Conv(torch.randn(c2, c1 // g2, *data.draw(axis([1, 2, 3])), dtype=torch.float64), None,
+             data.draw(axis([1, 2])), ((0, 0),) * nd, data.draw(axis([1, 2])), g2)
+    composed, shape = opmath.compose(a, b), serial_merge._composite_shape(a, b)
+    assert (shape.groups, shape.stride, shape.extent, shape.macs) == \
+        (composed.groups, composed.stride, composed.extent, opmath.macs_per_pixel(composed))
