@@ -256,7 +256,11 @@ class _Exporter:
             if c in (1.0, -1.0):
                 terms.append((x, c))
             else:
-                terms.append((self.node("Mul", base, [x, self.const(f"{base}.coeff", torch.tensor(c), dt)]), 1.0))
+                last = out if len(op.coeffs) == 1 else None
+                terms.append((self.node("Mul", base, [x, self.const(f"{base}.coeff", torch.tensor(c), dt)], out=last),
+                              1.0))
+                if last:
+                    return terms[0][0]
         terms.sort(key=lambda t: -t[1])  # a positive term first, so the chain needs no Neg
         acc, sign = terms[0]
         if sign < 0:

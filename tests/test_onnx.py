@@ -400,6 +400,26 @@ def test_float16_model_gets_float16_initializers():
     assert rep.verification.error_fp64 < 1e-12
 
 
+@reparam.rule(reparam.P(reparam.ops.Sum, reparam.X("a"), reparam.X("b"), name="total"))
+def halves(a, b, total):
+    """a + b = 2·(½a − (−½b)): a user rule whose output needs scalar Mul, Sub and weighted sums in ONNX."""
+    if total.op.coeffs != (1.0, 1.0):
+        return None
+    two = torch.tensor(2.0, dtype=torch.float64)
+    minus_half = reparam.ops.Affine(-two / 4, None, None)(b)
+    return reparam.ops.Affine(two, None, None)(reparam.ops.Sum((0.5, -1.0))(a, minus_half))
+
+
+def test_user_rule_output_is_written_to_onnx():
+    nodes = [helper.make_node("Relu", ["x"], ["a"], name="relu"),
+             helper.make_node("Sigmoid", ["x"], ["b"], name="sigmoid"),
+             helper.make_node("Add", ["a", "b"], ["y"], name="add")]
+    model = _model(nodes, [], [_vi("x", [1, 4, 5, 5])], [_vi("y", [1, 4, 5, 5])])
+    fused, rep = fuse_and_compare(model, [(1, 4, 5, 5)], rules=[], extra_rules=[halves])
+    assert rep.fired_counts() == {"halves": 1}
+    assert dict(ops(fused)) == {"Relu": 1, "Sigmoid": 1, "Mul": 3, "Sub": 1}, ops(fused)
+
+
 # --- traps (transforms.md) stay two ops and exact -------------------------------------------------
 class Sep1x11(nn.Module):
     def __init__(self, c=4):
