@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.fx as fx
@@ -93,7 +93,7 @@ def rewrite_graph_module(gm: fx.GraphModule, rules, check, stop_after, report: R
 def fuse(model: nn.Module, example_inputs=None, *, rules: Sequence[Rule] | None = None,
          extra_rules: Sequence[Rule] = (), disable: Sequence[str] = (), only: Sequence[str] | None = None,
          verify: bool = True, check: bool = True, tolerance: float = verify_mod.DEFAULT_TOLERANCE,
-         report: bool = False, _stop_after: int | None = None):
+         report: bool = False, progress: Callable[[str], None] | None = None, _stop_after: int | None = None):
     """Fuse ``model``'s reparameterizable structure; return the deploy module (and a Report if asked).
 
     The input model is never modified: fusion runs on an eval-mode copy. ``example_inputs`` (a tensor or a
@@ -101,6 +101,7 @@ def fuse(model: nn.Module, example_inputs=None, *, rules: Sequence[Rule] | None 
     first conv/linear layer. ``rules`` replaces the built-in rule list, ``extra_rules`` are tried before it,
     ``disable``/``only`` pick rules by name. With ``verify`` the result is compared end to end with the
     original in float64 and a mismatch raises :class:`VerificationError` naming the rewrite responsible.
+    ``progress``, if given, is called with the name of each long step as it starts ('rewrite', 'verify').
     """
     if not isinstance(model, nn.Module):
         raise ReparamError(f"fuse() needs a torch.nn.Module, got {type(model).__name__}")
@@ -116,10 +117,14 @@ def fuse(model: nn.Module, example_inputs=None, *, rules: Sequence[Rule] | None 
         if inputs is not None:
             rep.notes.append(f"no example inputs given; guessed one of shape {_shapes(inputs)}")
     t0 = time.perf_counter()
+    if progress is not None:
+        progress("rewrite")
     fused, fused64 = _rewrite(model, inputs, chosen, check, _stop_after, rep)
     rep.seconds["rewrite"] = time.perf_counter() - t0
     if verify and inputs is not None and _stop_after is None:
         t0 = time.perf_counter()
+        if progress is not None:
+            progress("verify")
         rep.verification = _verify(model, fused, fused64, inputs, tolerance)
         rep.seconds["verify"] = time.perf_counter() - t0
         if not rep.verification.passed:

@@ -154,15 +154,24 @@ def _rule_list(rule_files: list[Path] | None, disable: list[str] | None, only: l
     return select_rules(None, extra, disable or [], only or None)
 
 
-def _fuse(loaded: Loaded, inputs: tuple | None, shapes: list, rules, verify: bool, tolerance: float | None):
+_PHASES = {"rewrite": "capturing and rewriting", "verify": "verifying end to end in float64"}
+
+
+def _fuse(loaded: Loaded, inputs: tuple | None, shapes: list, rules, verify: bool, tolerance: float | None,
+          steps: Steps):
     """Dispatch on the input kind; returns (fused object, Report). ``tolerance`` None: the backend's default."""
+    with steps.phases("capturing, rewriting" + (" and verifying" if verify else ""), _PHASES) as enter:
+        return _fuse_with(loaded, inputs, shapes, rules, verify, tolerance, enter)
+
+
+def _fuse_with(loaded: Loaded, inputs, shapes, rules, verify, tolerance, enter):
     opts = dict(rules=rules, verify=verify, report=True)
     if tolerance is not None:
         opts["tolerance"] = tolerance
     if loaded.kind == "module":
         from .api import fuse
 
-        return fuse(loaded.obj, inputs, **opts)
+        return fuse(loaded.obj, inputs, progress=enter, **opts)
     if loaded.kind == "exported":
         try:
             from .export_backend import fuse_exported
@@ -242,9 +251,7 @@ def fuse(model: ModelArg,
         inputs = _example_inputs(loaded, shapes)
         if loaded.kind == "module" and inputs is None and fmt != "pt":
             raise ReparamError(f"writing .{fmt} needs example inputs and none could be guessed: pass --input-shape")
-        label = "capturing, rewriting" + (" and verifying" if verify else "")
-        with steps.step(label):
-            fused, rep = _fuse(loaded, inputs, shapes, chosen, verify, tolerance)
+        fused, rep = _fuse(loaded, inputs, shapes, chosen, verify, tolerance, steps)
         t0 = time.perf_counter()
         with steps.step(f"writing {output} ({fmt})"):
             save_model(fused, output, inputs)
@@ -288,9 +295,8 @@ def inspect(model: ModelArg, input_shape: InputShapeOpt = None, rules: RulesOpt 
         steps = Steps(_stderr, as_json)
         loaded = _load(model, trust, weights, steps)
         inputs = _example_inputs(loaded, shapes)
-        with steps.step("capturing and rewriting (dry run)"):
-            _, rep = _fuse(loaded, inputs, shapes, chosen, False, None)
-            regions = _regions(loaded, inputs, rep)
+        _, rep = _fuse(loaded, inputs, shapes, chosen, False, None, steps)
+        regions = _regions(loaded, inputs, rep)
         if as_json:
             _json_out({"input": model, "regions": regions, "report": rep.to_dict()})
             return
@@ -340,8 +346,7 @@ def bench(model: ModelArg, input_shape: InputShapeOpt = None,
         inputs = _example_inputs(loaded, shapes)
         if inputs is None:
             raise ReparamError("no input shape could be guessed: pass --input-shape")
-        with steps.step("fusing" + (" and verifying" if verify else "")):
-            fused, rep = _fuse(loaded, inputs, shapes, chosen, verify, None)
+        fused, rep = _fuse(loaded, inputs, shapes, chosen, verify, None, steps)
         original = loaded.obj.module() if loaded.kind == "exported" else loaded.obj.eval()
         fused = fused.module() if isinstance(fused, torch.export.ExportedProgram) else fused
         with steps.step(f"timing ({warmup} warm-up + {repeat} runs each, {threads} threads)"):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -36,6 +36,35 @@ class Steps:
             yield
         self.console.print(f"[green]✓[/] {description} ({time.perf_counter() - t0:.1f} s)", highlight=False,
                            soft_wrap=True)
+
+
+    @contextmanager
+    def phases(self, fallback: str, labels: dict[str, str]) -> Iterator[Callable[[str], None]]:
+        """Steps announced by a callback (``enter(name)``, names looked up in ``labels``); each finished
+        step gets its ✓ line. With no announcement at all, one step called ``fallback``."""
+        if self.quiet:
+            yield lambda name: None
+            return
+        state = {"label": None, "t0": time.perf_counter()}
+        progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                            console=self.console, transient=True, disable=not self.console.is_terminal)
+        task = progress.add_task(fallback, total=None)
+
+        def done():
+            if state["label"] is not None:
+                self.console.print(f"[green]✓[/] {state['label']} ({time.perf_counter() - state['t0']:.1f} s)",
+                                   highlight=False, soft_wrap=True)
+
+        def enter(name: str) -> None:
+            done()
+            state["label"], state["t0"] = labels.get(name, name), time.perf_counter()
+            progress.update(task, description=state["label"])
+
+        with progress:
+            yield enter
+            if state["label"] is None:
+                state["label"] = fallback
+            done()
 
 
 def _fmt(x) -> str:
