@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from reparam.catalogue import rule_catalogue
-from tests.cli_models import TinyRepVGG, tiny_repvgg, two_inputs
+from tests.cli_models import tiny_repvgg, two_inputs
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = Path(sys.executable).parent / "reparam"
@@ -305,3 +305,18 @@ def test_docs_cover_every_command_and_option():
                     row = next((r for r in rows if flag in r[0].replace("`", " ").replace(",", " ").split()), None)
                     assert row is not None, f"`reparam {name}` option {flag} is not documented in docs/cli.md"
                     assert len(row) == 3 and row[1] and row[2], f"{flag}: needs a meaning and an example"
+
+
+def test_atomic_write_leaves_nothing_on_failure_and_keeps_the_old_file(tmp_path):
+    from reparam.saving import atomic_path
+
+    target = tmp_path / "deploy.pt"
+    target.write_text("old")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_path(target) as tmp:
+            Path(tmp).write_text("half")
+            raise KeyboardInterrupt
+    assert only_files(tmp_path) == {"deploy.pt"} and target.read_text() == "old"
+    with atomic_path(target) as tmp:
+        Path(tmp).write_text("new")
+    assert only_files(tmp_path) == {"deploy.pt"} and target.read_text() == "new"
