@@ -99,6 +99,9 @@ def _guarded(debug: bool, body: Callable[[], int | None]) -> None:
         raise _fail(str(err), EXIT_INPUT)
     except KeyboardInterrupt:
         raise _fail("interrupted; nothing was written", 130)
+    except BrokenPipeError:  # stdout closed early (`reparam rules | head`): stop quietly, like other tools
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(141)
     except Exception as err:
         if debug:
             raise
