@@ -80,6 +80,8 @@ def run_ort(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.intra_op_num_threads = 1  # one small batch: a spinning thread pool only competes for the CPU
+    opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
     sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     return sess.run(None, feeds)

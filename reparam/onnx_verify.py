@@ -97,5 +97,11 @@ class _Evaluator:
 
 
 def evaluate_f64(g: Graph, feeds: dict[str, np.ndarray], opset: int) -> list[np.ndarray]:
-    """The graph's outputs in float64 for ``feeds`` (by graph input name)."""
-    return _Evaluator(g, opset).run(feeds)
+    """The graph's outputs in float64 for ``feeds`` (by graph input name). Runs single-threaded: the ops are
+    many and small (batch 1), where a thread pool costs more than it gives, and far more on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _Evaluator(g, opset).run(feeds)
+    finally:
+        torch.set_num_threads(threads)

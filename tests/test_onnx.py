@@ -25,6 +25,15 @@ warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
 GEN = torch.Generator().manual_seed(0)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Exports run the model; on a shared CPU (pytest -n 2) a torch thread pool only adds contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def bn(c, d=2):
     m = (nn.BatchNorm1d, nn.BatchNorm2d)[d - 1](c)
     with torch.no_grad():
