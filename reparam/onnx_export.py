@@ -60,8 +60,10 @@ class _Exporter:
         if isinstance(values, torch.Tensor):
             values = values.detach().cpu()
             if dtype == torch.bfloat16:
-                return gs.Constant(self.fresh(base), np.ascontiguousarray(values.to(torch.float32).numpy()),
-                                   export_dtype=onnx.TensorProto.BFLOAT16)
+                import ml_dtypes  # numpy's bfloat16 (an onnx dependency)
+
+                bf16 = values.to(torch.float32).numpy().astype(ml_dtypes.bfloat16)
+                return gs.Constant(self.fresh(base), np.ascontiguousarray(bf16))
             values = values.to(dtype or torch.float32).numpy()
         return gs.Constant(self.fresh(base), np.ascontiguousarray(values))
 
