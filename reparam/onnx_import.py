@@ -73,6 +73,7 @@ class _Importer:
         self.env: dict[str, Node] = {}
         self.known: dict[str, np.ndarray] = {}
         self.partial: dict[str, list] = {}  # Shape outputs with some dynamic dims
+        self.arrays: dict[int, np.ndarray] = {}
         self.static, _ = value_infos(infer(model))  # the original's own (None = dynamic)
         for rounds in range(3):  # folded shape arithmetic lets inference see further, which may fold more
             before = len(self.known)
@@ -105,7 +106,9 @@ class _Importer:
 
     def const(self, t: gs.Tensor) -> np.ndarray | None:
         if isinstance(t, gs.Constant):
-            return _array(t)
+            if id(t) not in self.arrays:  # large initializers load lazily: once
+                self.arrays[id(t)] = _array(t)
+            return self.arrays[id(t)]
         return self.known.get(t.name)
 
     def is_data(self, t: gs.Tensor) -> bool:
