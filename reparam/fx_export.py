@@ -77,6 +77,10 @@ class _Namer:
 
     def __call__(self, wanted: str, suffix: str = "") -> str:
         base = "".join(c if c.isalnum() or c in "._" else "_" for c in (wanted or "fused")).strip(".") or "fused"
+        parts = base.split(".")
+        blocked = next((k for k in range(1, len(parts)) if ".".join(parts[:k]) in self.taken), None)
+        if blocked is not None:  # a leaf already sits on a prefix: no suffix could free the path, so join below it
+            base = ".".join(parts[:blocked - 1] + ["_".join(parts[blocked - 1:])])
         candidates = itertools.chain([base + suffix], (f"{base}_fused{k or ''}{suffix}" for k in itertools.count()))
         for c in candidates:
             if self.free(c):
