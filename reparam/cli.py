@@ -163,7 +163,8 @@ _PHASES = {"rewrite": "capturing and rewriting", "verify": "verifying end to end
 def _fuse(loaded: Loaded, inputs: tuple | None, shapes: list, rules, verify: bool, tolerance: float | None,
           steps: Steps):
     """Dispatch on the input kind; returns (fused object, Report). ``tolerance`` None: the backend's default."""
-    with steps.phases("capturing, rewriting" + (" and verifying" if verify else ""), _PHASES) as enter:
+    fallback = "capturing, rewriting and verifying" if verify else "capturing and rewriting"
+    with steps.phases(fallback, _PHASES) as enter:
         return _fuse_with(loaded, inputs, shapes, rules, verify, tolerance, enter)
 
 
