@@ -34,3 +34,29 @@ def render_markdown(rules: Sequence[Rule] | None = None) -> str:
 
 def _cell(text: str) -> str:
     return text.replace("|", "\\|")
+
+
+DOC_PATH = "docs/rules.md"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m reparam.catalogue`` prints docs/rules.md; ``--write [PATH]`` writes it (default docs/rules.md)."""
+    import sys
+    from pathlib import Path
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    text = render_markdown()
+    if args and args[0] == "--write":
+        path = Path(args[1] if len(args) > 1 else DOC_PATH)
+        path.write_text(text, encoding="utf-8")
+        print(f"wrote {path} ({len(rule_catalogue())} rules)")
+    elif args:
+        print("usage: python -m reparam.catalogue [--write [PATH]]", file=sys.stderr)
+        return 2
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -181,8 +181,8 @@ class Engine:
                 break
             recent.append(self.log.events[-1].rule)
             if self.count > limit:
-                worst = collections.Counter(recent).most_common(1)[0][0]
-                raise FixpointError(worst, self.count)
+                counts = collections.Counter(recent).most_common()
+                raise FixpointError(counts[0][0], self.count, dict(counts))
             for n in touched:
                 if n.id not in queued and n.graph is graph:
                     queue.append(n)

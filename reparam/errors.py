@@ -18,10 +18,13 @@ class RewriteMismatch(ReparamError):
 class FixpointError(ReparamError):
     """Rules kept rewriting without reaching a fixpoint (a rule that rewrites its own output)."""
 
-    def __init__(self, rule: str, count: int):
+    def __init__(self, rule: str, count: int, involved: dict[str, int] | None = None):
         self.rule = rule
-        super().__init__(f"no fixpoint after {count} rewrites: rule '{rule}' keeps firing (it probably rewrites "
-                         f"its own output). Fix or disable that rule.")
+        self.involved = dict(involved or {rule: count})  # rule → rewrites among the most recent ones
+        others = ", ".join(f"'{r}'×{n}" for r, n in self.involved.items() if r != rule)
+        cycle = f" (in a cycle with {others} among the last rewrites)" if others else ""
+        super().__init__(f"no fixpoint after {count} rewrites: rule '{rule}' keeps firing{cycle} (it probably "
+                         f"rewrites its own output, or undoes another rule). Fix or disable that rule.")
 
 
 class VerificationError(ReparamError):

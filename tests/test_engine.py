@@ -1,0 +1,54 @@
+"""The engine's iteration guard: a rule (or a pair of rules) that rewrites its own output forever is stopped
+with a FixpointError naming the rule, instead of hanging; a terminating rule set is not affected."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import reparam
+from reparam import FixpointError
+from reparam.ops import Affine
+from reparam.pattern import P, X
+from reparam.rule import require, rule
+from reparam.testing import count_ops, randomize_bn
+
+
+@rule(P(Affine, X("x"), name="a"))
+def restate_affine(x, a):
+    """a(x) = a(x): rebuilds the same affine as a new node, so it matches its own output forever."""
+    return a.op.with_()(x)
+
+
+@rule(P(Affine, X("x"), name="a"))
+def split_affine(x, a):
+    """x·s + t = (x·s) + t as two affines: the inverse of the built-in affine_merge."""
+    require(a.op.shift is not None, "nothing to split")
+    scale_only = Affine(a.op.scale, None, a.op.axis, dtype=a.op.dtype, device=a.op.device)
+    shift_only = Affine(torch.ones_like(a.op.shift), a.op.shift, a.op.axis, dtype=a.op.dtype, device=a.op.device)
+    return shift_only(scale_only(x))
+
+
+def _model():
+    torch.manual_seed(0)
+    return randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.BatchNorm2d(4))).eval()
+
+
+def test_a_rule_that_rewrites_its_own_output_is_stopped_and_named():
+    with pytest.raises(FixpointError) as info:
+        reparam.fuse(_model(), torch.randn(1, 3, 8, 8), rules=[restate_affine])
+    assert info.value.rule == "restate_affine" and set(info.value.involved) == {"restate_affine"}
+    message = str(info.value)
+    assert "'restate_affine' keeps firing" in message and "\n" not in message
+
+
+def test_two_rules_undoing_each_other_are_stopped_and_one_of_them_named():
+    with pytest.raises(FixpointError) as info:
+        reparam.fuse(_model(), torch.randn(1, 3, 8, 8), extra_rules=[split_affine])
+    assert "split_affine" in info.value.involved and info.value.rule in info.value.involved
+    assert "'split_affine'" in str(info.value) and f"'{info.value.rule}' keeps firing" in str(info.value)
+
+
+def test_a_terminating_rule_set_reaches_its_fixpoint():
+    fused = reparam.fuse(_model(), torch.randn(1, 3, 8, 8))
+    assert count_ops(fused)["bns"] == 1  # the BN after the ReLU stays; the one after the conv folds
