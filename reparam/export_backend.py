@@ -3,8 +3,8 @@
 The program is unlifted (``ep.module()``: parameters and buffers become attributes read by get_attr,
 every node keeps its fake-tensor ``meta['val']``), its ATen calls are seen as vocabulary ops
 (``aten_ops``), rewritten by the engine, written back as a GraphModule and exported again on inputs
-of the program's own (static) shapes. The result is verified against the original program in
-float64 (the fused tensors computed, not cast, in float64).
+of the program's own (static) shapes, decomposed to core ATen again if the input was. The fused graph
+is verified against the original program in float64 (the fused tensors computed, not cast, in float64).
 """
 from __future__ import annotations
 
@@ -105,9 +105,19 @@ def _check_program(ep) -> None:
     if not isinstance(ep, torch.export.ExportedProgram):
         raise ReparamError(f"fuse_exported() needs a torch.export.ExportedProgram, got {type(ep).__name__}")
     sig = ep.graph_signature
-    if sig.buffers_to_mutate or sig.user_inputs_to_mutate:
-        raise CaptureError("the program mutates its buffers or inputs (exported in training mode?); "
-                           "export the model in eval mode")
+    mutating = [n for n in ep.graph.nodes if n.op == "call_function" and aten_ops.is_aten(n.target)
+                and (n.target._schema.is_mutable or _updates_statistics(n))]
+    if sig.buffers_to_mutate or sig.user_inputs_to_mutate or mutating:
+        what = f" ('{mutating[0].name}': {mutating[0].target})" if mutating else ""
+        raise CaptureError(f"the program mutates its buffers or inputs{what}, as a model exported in training "
+                           f"mode does; export the model in eval mode")
+
+
+def _updates_statistics(n: fx.Node) -> bool:
+    """A batch norm in training mode (it updates its running statistics)."""
+    if n.target not in (aten_ops.aten.batch_norm.default, aten_ops.aten.native_batch_norm.default):
+        return False
+    return aten_ops.arguments(n.target, n.args, n.kwargs).get("training") is not False
 
 
 def _unlifted(ep) -> fx.GraphModule:
@@ -184,7 +194,7 @@ def fuse_exported(ep: torch.export.ExportedProgram, *, rules: Sequence[Rule] | N
         rep.verification.skipped = "disabled by the caller"
 
     t0 = time.perf_counter()
-    out = _export(fused, args, kwargs, flat, kw)
+    out = _export(fused, args, kwargs, flat, kw, decompose=is_core_aten(ep))
     rep.seconds["export"] = time.perf_counter() - t0
     rep.seconds["total"] = time.perf_counter() - started
     if report:
@@ -193,11 +203,20 @@ def fuse_exported(ep: torch.export.ExportedProgram, *, rules: Sequence[Rule] | N
     return out
 
 
-def _export(fused: fx.GraphModule, args: tuple, kwargs: dict, flat: list, kw: list[str]):
-    """Export ``fused`` again and check the program computes what the graph does (same ops, same dtype)."""
+def is_core_aten(ep: torch.export.ExportedProgram) -> bool:
+    """Every ATen call of the program is a core ATen op (the program was decomposed)."""
+    targets = [n.target for n in ep.graph.nodes if n.op == "call_function" and aten_ops.is_aten(n.target)]
+    return bool(targets) and all(torch.Tag.core in t.tags for t in targets)
+
+
+def _export(fused: fx.GraphModule, args: tuple, kwargs: dict, flat: list, kw: list[str], decompose: bool):
+    """Export ``fused`` again (decomposed to core ATen if ``decompose``, like the input) and check the
+    program computes what the graph does (same ops, same dtype)."""
     try:
         with torch.no_grad():
             out = torch.export.export(fused, args, kwargs)
+            if decompose:
+                out = out.run_decompositions()
     except Exception as err:
         raise ReparamError(f"the fused graph could not be exported again: {type(err).__name__}: "
                            f"{str(err).splitlines()[0] if str(err) else ''}") from err
