@@ -179,6 +179,27 @@ def test_repnext_m0_fuses_to_98_convs(tmp_path):
     assert relative_error_fp32(model, fused, x) <= 1e-5
 
 
+class ShuffleThenBN(nn.Module):
+    """Traps: a BN after a channel shuffle (view/transpose/reshape) and a BN after a transposed conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.up, self.up_bn = nn.ConvTranspose2d(8, 8, 2, stride=2), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        y = self.conv(x).view(1, 2, 4, 6, 6).transpose(1, 2).reshape(1, 8, 6, 6)
+        return self.up_bn(self.up(self.bn(y)))
+
+
+def test_traps_stay_as_they_were():
+    model, x = prepared(ShuffleThenBN()), torch.randn(1, 8, 6, 6)
+    ep = torch.export.export(model, (x,))
+    fused, rep = fuse_exported(ep, report=True)
+    assert rep.rules_fired == [] and calls(fused) == calls(ep)
+    assert rep.verification.error_fp64 == 0.0
+
+
 class KwargsAndDict(nn.Module):
     def __init__(self):
         super().__init__()
