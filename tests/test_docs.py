@@ -93,3 +93,18 @@ def test_the_guides_command_lines_run(tmp_path, monkeypatch):
             assert doc["report"]["fired_counts"].get("pointwise_through_mean") == 1, doc["report"]
             assert doc["report"]["verification"]["passed"]
     assert (tmp_path / "deploy.pt").exists()
+
+
+# ------------------------------------------------------------------------------------- quickstart.md
+def test_the_quickstart_runs_and_shows_its_real_report():
+    text = (DOCS / "quickstart.md").read_text("utf-8")
+    ns: dict = {"__name__": "quickstart"}
+    for k, block in enumerate(re.findall(r"^```python\n(.*?)^```", text, re.S | re.M)):
+        exec(compile(block, f"docs/quickstart.md[python block {k + 1}]", "exec"), ns)
+    shown = re.search(r"^```text\n(.*?)^```", text, re.S | re.M).group(1).splitlines()
+    actual = str(ns["report"]).splitlines()
+    # counts, rules fired and refusals are structural; the verification's error digits depend on the draw
+    for line in shown:
+        if not line.startswith("verification:"):
+            assert line in actual, f"the quickstart shows {line!r}, the report says:\n" + "\n".join(actual)
+    assert ns["report"].verification.passed
