@@ -37,7 +37,7 @@ from .registry import builtin_rules
 from .report import Report, count_model
 from .rule import Rule
 
-__all__ = ["ConvSpec", "conv_specs", "bn_stats", "randomize_bn", "randomize_params", "LinearBlockCase",
+__all__ = ["ConvSpec", "conv_specs", "bn_stats", "set_bn_stats", "randomize_bn", "randomize_params", "LinearBlockCase",
            "linear_blocks", "assert_equivalent", "assert_fires", "assert_refuses", "count_ops"]
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -496,8 +496,12 @@ def assert_equivalent(model: nn.Module, inputs, *, rules: Sequence[Rule | str] |
     return fused, report
 
 
-def _rule_name(rule: Rule | str) -> str:
-    return rule if isinstance(rule, str) else rule.name
+def _rule_name(rule: Rule | str, base: list[Rule] | None = None, extra: Sequence[Rule] = ()) -> str:
+    name = rule if isinstance(rule, str) else rule.name
+    known = {r.name for r in list(extra) + (builtin_rules() if base is None else base)}
+    if name not in known:
+        raise AssertionError(f"rule '{name}' is not among the rules of this run ({', '.join(sorted(known))})")
+    return name
 
 
 def assert_fires(rule: Rule | str, model: nn.Module, inputs, times: int = 1, *,
@@ -508,8 +512,8 @@ def assert_fires(rule: Rule | str, model: nn.Module, inputs, times: int = 1, *,
     before the built-ins). Returns (fused, report).
     """
     base, extra = _split_rules(rule, rules, extra_rules)
+    name = _rule_name(rule, base, extra)
     fused, report = assert_equivalent(model, inputs, rules=base, extra_rules=extra, rtol=rtol)
-    name = _rule_name(rule)
     got = report.fired_counts().get(name, 0)
     if got != times:
         raise AssertionError(f"rule '{name}' fired {got} time(s), expected {times}\n{_describe(report)}")
@@ -526,8 +530,8 @@ def assert_refuses(rule: Rule | str, model: nn.Module, inputs, reason_contains: 
     Returns (fused, report).
     """
     base, extra = _split_rules(rule, rules, extra_rules)
+    name = _rule_name(rule, base, extra)
     fused, report = assert_equivalent(model, inputs, rules=base, extra_rules=extra, rtol=rtol)
-    name = _rule_name(rule)
     mine = [r for r in report.refusals if r["rule"] == name]
     if not mine:
         raise AssertionError(f"rule '{name}' refused nothing\n{_describe(report)}")
