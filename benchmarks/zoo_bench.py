@@ -1,0 +1,150 @@
+"""timm's reparameterizable families: training model vs timm's hand-written deploy form vs ``reparam.fuse``.
+
+    python -m benchmarks.zoo_bench [--models repvgg_a0,...] [--size 224] [--repeats 3] [--rounds 15] [--no-write]
+
+Per model (``pretrained=False``, eval, BatchNorm statistics and layer scales randomized, batch 1): conv / BN /
+Linear / op counts and parameters of the three forms (``reparam.report.count_model``: calls in the FX graph,
+the same function for all three); the relative error of each form against the float64 reference (the training
+model cast to float64), in float32 and when fused from a float64 copy; torch eager latency of the three (2
+threads, interleaved rounds in one process, medians) and the ratio ours / timm's; fuse time of
+``timm.models.reparameterize_model`` and of ``reparam.fuse`` with and without its float64 verification
+(medians of ``--repeats``). Prints the tables and writes docs/benchmarks-zoo.md.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+import reparam
+from examples.repnext.measure import latencies, median_time
+from examples.zoo.timm_models import MODELS, build, timm_deploy
+from reparam import verify
+from reparam.report import count_model
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks-zoo.md"
+THREADS = 2
+FORMS = ("training", "timm deploy", "reparam")
+
+
+def error(model: torch.nn.Module, x: torch.Tensor, want: list[torch.Tensor]) -> str:
+    try:
+        return f"{verify.relative_error(verify.run(model, (x,)), want):.1e}"
+    except Exception as err:  # timm's fuse can mix dtypes (see the doc); report it instead of stopping
+        return f"fails ({type(err).__name__})"
+
+
+def measure(name: str, size: int, repeats: int, rounds: int) -> dict:
+    model = build(name)
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    theirs = timm_deploy(model)
+    ours, report = reparam.fuse(model, x, report=True)
+    forms = dict(zip(FORMS, (model, theirs, ours)))
+
+    want = verify.run(model, (x,), torch.float64)
+    model64, x64 = copy.deepcopy(model).double(), x.double()
+    forms64 = {"training": model64, "timm deploy": timm_deploy(model64), "reparam": reparam.fuse(model64, x64)}
+    row = {"name": name, "counts": {k: count_model(m) for k, m in forms.items()},
+           "fp32": {k: error(m, x, want) for k, m in forms.items()},
+           "fp64": {k: error(m, x64, want) for k, m in forms64.items()},
+           "verification": report.verification.error_fp64}
+    row["latency"] = dict(zip(FORMS, latencies(list(forms.values()), x, threads=THREADS, rounds=rounds)))
+    row["fuse"] = {"timm": median_time(lambda: timm_deploy(model), repeats),
+                   "reparam": median_time(lambda: reparam.fuse(model, x), repeats),
+                   "reparam, no verification": median_time(lambda: reparam.fuse(model, x, verify=False), repeats)}
+    return row
+
+
+def tables(rows: list[dict]) -> list[str]:
+    out = ["| model | form | convs | BNs | linears | ops | params | rel. error fp32 | rel. error fp64 | latency (ms) |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        for form in FORMS:
+            c = r["counts"][form]
+            out.append(f"| {r['name']} | {form} | {c.convs} | {c.bns} | {c.linears} | {c.ops} | {c.params:,} | "
+                       f"{r['fp32'][form]} | {r['fp64'][form]} | {1e3 * r['latency'][form]:.2f} |")
+    out += ["", "| model | latency ours / timm's | fuse: timm | fuse: reparam (verified) | fuse: reparam (no verification) "
+            "| our verification error (fp64) |", "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lat, f = r["latency"], r["fuse"]
+        out.append(f"| {r['name']} | {lat['reparam'] / lat['timm deploy']:.2f} | {f['timm']:.2f} s | "
+                   f"{f['reparam']:.2f} s | {f['reparam, no verification']:.2f} s | {r['verification']:.1e} |")
+    return out
+
+
+def document(rows: list[dict], args, started: datetime.datetime, load: tuple[float, float, float]) -> str:
+    import timm
+
+    cmd = "python -m benchmarks.zoo_bench " + " ".join(sys.argv[1:])
+    return "\n".join([
+        "# Benchmark: timm model zoo, reparam vs the authors' own fuse",
+        "",
+        f"Measured {started:%Y-%m-%d %H:%M} UTC with `{cmd.strip()}` (torch {torch.__version__}, timm "
+        f"{timm.__version__}, {os.cpu_count()} CPUs, load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
+        "at the start: the machine was shared, so absolute times are noisy; ratios come from interleaved runs in "
+        "one process).",
+        "",
+        "Models: timm's `" + "`, `".join(r["name"] for r in rows) + f"` with `pretrained=False`, eval mode, every "
+        "BatchNorm's statistics and affine parameters and every layer scale (`gamma`) randomized "
+        f"(`examples/zoo/timm_models.py`), input 1×3×{args.size}×{args.size}.",
+        "",
+        "Forms: **training** is the model as built; **timm deploy** is `timm.models.reparameterize_model` (the "
+        "hand-written `reparameterize`/`fuse` methods of each family); **reparam** is `reparam.fuse(model, x)` "
+        "with the built-in rules and nothing specific to timm.",
+        "",
+        "How counts are made: one function for all three forms, `reparam.report.count_model`. It traces the model "
+        "with `torch.fx.symbolic_trace` and counts call nodes: *convs* are `call_module` nodes of `nn.Conv*` and "
+        "calls of `F.conv*`; *BNs* are `call_module` nodes of any `_BatchNorm` subclass and calls of "
+        "`F.batch_norm` (timm's `BatchNormAct2d` is traced through, so it counts as its `F.batch_norm`); "
+        "*linears* likewise; *ops* are all call nodes (modules, functions, methods; `nn.Identity` and the "
+        "getattr/eq/`torch._assert` shape checks included, which is why the training and timm forms have many). "
+        "Parameters are distinct parameter tensors' elements.",
+        "",
+        "Errors: max |y − y₆₄| / max |y₆₄| where y₆₄ is the training model run in float64. *fp32*: each form as "
+        "deployed (float32). *fp64*: each form built from a float64 copy of the training model and run in "
+        "float64 (\"fails\" means the deploy model cannot run in float64). Latency: torch eager, "
+        f"`torch.set_num_threads({THREADS})`, batch 1, medians of {args.rounds} interleaved rounds (3 calls "
+        f"each). Fuse times: medians of {args.repeats} runs; both sides copy the model (timm's "
+        "`reparameterize_model` deep-copies it; `reparam.fuse` never modifies its input).",
+        "",
+        *tables(rows),
+        "",
+    ])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--no-write", action="store_true")
+    args = p.parse_args(argv)
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    unknown = [n for n in names if n not in MODELS]
+    if unknown or args.size < 32 or args.repeats < 1 or args.rounds < 1:
+        print(f"error: unknown model(s) {', '.join(unknown)} (choose from {', '.join(MODELS)})" if unknown else
+              "error: --size must be >= 32 and --repeats, --rounds >= 1", file=sys.stderr)
+        return 2
+    started, load = datetime.datetime.now(datetime.timezone.utc), os.getloadavg()
+    rows = []
+    for name in names:
+        print(f"measuring {name} ...", flush=True)
+        rows.append(measure(name, args.size, args.repeats, args.rounds))
+    print("\n".join(tables(rows)))
+    if not args.no_write:
+        text = document(rows, args, started, load)
+        tmp = DOC.with_suffix(".md.tmp")
+        tmp.write_text(text)
+        tmp.replace(DOC)
+        print(f"wrote {DOC.relative_to(DOC.parent.parent)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
