@@ -117,11 +117,37 @@ def attach_shapes(gm: fx.GraphModule, inputs: tuple | None) -> bool:
             return False
 
 
+class _IndexedTracer(fx.Tracer):
+    """torch.fx's tracer, but a parameter or buffer used in forward is found by a dict lookup instead of a
+    scan of every named parameter (quadratic in the model size when BatchNorms are traced through)."""
+
+    def trace(self, root, concrete_args=None):
+        self._attr_names: dict[int, tuple[torch.Tensor, str]] = {}
+        if isinstance(root, nn.Module):
+            for n, t in [*root.named_buffers(), *root.named_parameters()][::-1]:  # the first name wins
+                self._attr_names[id(t)] = (t, n)
+        return super().trace(root, concrete_args)
+
+    def create_arg(self, a):
+        if isinstance(a, torch.Tensor):
+            found = self._attr_names.get(id(a))
+            if found is not None and found[0] is a:
+                return self.create_node("get_attr", found[1], (), {})
+        return super().create_arg(a)
+
+
+def trace(module: nn.Module) -> fx.GraphModule:
+    """``torch.fx.symbolic_trace(module)``, with parameter and buffer references resolved in constant time."""
+    tracer = _IndexedTracer()
+    graph = tracer.trace(module)
+    return fx.GraphModule(tracer.root, graph, module.__class__.__name__)
+
+
 def capture(model: nn.Module, example_inputs: tuple | None) -> Capture:
     """Trace ``model`` whole if possible; otherwise its largest traceable submodules."""
     out = Capture()
     try:
-        gm = fx.symbolic_trace(model)
+        gm = trace(model)
         out.shaped = attach_shapes(gm, example_inputs)
         out.regions.append(Region("", gm, example_inputs))
         return out
@@ -142,7 +168,7 @@ def _capture_children(module: nn.Module, prefix: str, recorded: dict[str, tuple]
             continue  # nothing to fuse inside
         if path in recorded or not recorded:
             try:
-                gm = fx.symbolic_trace(child)
+                gm = trace(child)
                 inputs = recorded.get(path)
                 attach_shapes(gm, inputs)
                 out.regions.append(Region(path, gm, inputs))

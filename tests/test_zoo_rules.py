@@ -326,3 +326,32 @@ def test_serial_merge_predicts_the_composite_shape_without_building_it(data):
     composed, shape = opmath.compose(a, b), serial_merge._composite_shape(a, b)
     assert (shape.groups, shape.stride, shape.extent, shape.macs) == \
         (composed.groups, composed.stride, composed.extent, opmath.macs_per_pixel(composed))
+
+
+# --- capture resolves parameters by lookup, with torch.fx's names ------------------------------------
+
+class SharedAndConstant(nn.Module):
+    """A parameter used under two module paths, a functional BatchNorm on buffers, a plain tensor attribute."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(2, 2, 3, padding=1)
+        self.b = nn.Conv2d(2, 2, 3, padding=1)
+        self.b.weight = self.a.weight
+        self.bn = nn.BatchNorm2d(2)
+        self.constant = torch.ones(1, 2, 1, 1)
+
+    def forward(self, x):
+        y = self.b(self.a(x))
+        y = F.batch_norm(y, self.bn.running_mean, self.bn.running_var, self.bn.weight, self.bn.bias, False)
+        return F.conv2d(y, self.b.weight, padding=1) + self.constant
+
+
+def test_indexed_tracer_gives_the_torch_fx_graph():
+    from reparam.capture import trace
+
+    model = SharedAndConstant().eval()
+    ours, theirs = trace(model), fx.symbolic_trace(model)
+    assert ours.code == theirs.code
+    x = torch.randn(1, 2, 5, 5)
+    assert torch.equal(ours(x), theirs(x))
