@@ -9,6 +9,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .capture import trace
+
 _CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _CONV_FUNCS = {F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d}
 _BN_FUNCS = {F.batch_norm, torch.batch_norm}
@@ -33,7 +35,7 @@ def count_params(model: nn.Module) -> int:
 def count_model(model: nn.Module) -> Counts:
     """Count calls in the model's FX graph (recursing into fused sub-graphs); modules when untraceable."""
     try:
-        gm = model if isinstance(model, fx.GraphModule) else fx.symbolic_trace(model)
+        gm = model if isinstance(model, fx.GraphModule) else trace(model)
     except Exception:
         mods = list(model.modules())
         return Counts(None, sum(isinstance(m, _CONV_MODULES) for m in mods),
