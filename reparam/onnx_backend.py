@@ -20,6 +20,7 @@ from .onnx_export import export_onnx
 from .onnx_import import import_onnx
 from .onnx_shapes import data_inputs, resolve_input_shapes, with_input_shapes
 from .onnx_verify import evaluate_f64
+from .ops import Opaque
 from .registry import select_rules
 from .report import Counts, Report, Verification
 from .rule import Rule
@@ -137,6 +138,10 @@ def fuse_onnx(model_or_path, *, input_shapes=None, rules: Sequence[Rule] | None 
     feeds = random_inputs(model, shapes) if verify else None
     want64 = _reference(graph, feeds, opset, rep) if verify else None
     rep.seconds["import"] = time.perf_counter() - t0
+    kept = Counter(n.op.what for n in graph.nodes if isinstance(n.op, Opaque) and n.op.value is None)
+    if kept:
+        rep.notes.append("nodes opaque to the rules, written back as they were: " + ", ".join(
+            f"{op}×{k}" for op, k in sorted(kept.items(), key=lambda kv: (-kv[1], kv[0]))))
     engine = Engine(chosen)
     log = engine.run(graph)
     rep.rules_fired = [dict(rule=e.rule, where=e.where, detail=e.detail) for e in log.fired_events()]
