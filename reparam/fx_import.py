@@ -31,6 +31,16 @@ class FxOrigin:
     inputs: list[fx.Node]
 
 
+def scoped_name(n: fx.Node) -> str:
+    """The node's name under the module path it was traced in (``stages.0.mixer.add_1``), for reports."""
+    if n.op == "call_module":
+        return str(n.target)
+    stack = n.meta.get("nn_module_stack") or {}
+    scope = next(reversed(stack.values()), None) if stack else None
+    path = scope[0] if isinstance(scope, tuple) else None
+    return f"{path}.{n.name}" if path else n.name
+
+
 def fx_shape(n: fx.Node) -> tuple[int, ...] | None:
     val = n.meta.get("val")
     if isinstance(val, torch.Tensor):
@@ -145,13 +155,13 @@ class _Importer:
         return self.graph
 
     def _node(self, op, n: fx.Node, data: list[fx.Node], name: str | None = None) -> Node:
-        return Node(op, [self.env[d] for d in data], name=name or n.name, shape=fx_shape(n), dtype=fx_dtype(n),
-                    origin=FxOrigin(n, data))
+        return Node(op, [self.env[d] for d in data], name=name or scoped_name(n), shape=fx_shape(n),
+                    dtype=fx_dtype(n), origin=FxOrigin(n, data))
 
     def opaque(self, n: fx.Node, value=None) -> Node:
         what = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
         return self._node(Opaque(str(what), value), n, list(n.all_input_nodes),
-                          name=n.target if n.op == "call_module" else n.name)
+                          name=n.target if n.op == "call_module" else None)
 
     def recognize(self, n: fx.Node, value) -> Node:
         if value is not None:
