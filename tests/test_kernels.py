@@ -75,6 +75,27 @@ def test_bn_scale_shift(gen, c, affine):
     close(s[:, None] * x + t[:, None], ref)
 
 
+@given(gen=rng(), nd=st.sampled_from([1, 2, 3]), cg=channels_groups(), data=st.data(), bias=st.booleans(),
+       batch=st.integers(1, 2), chunk=st.sampled_from([None, 1, 64]))
+def test_grouped_conv_equals_torch(gen, nd, cg, data, bias, batch, chunk):
+    """The float64 grouped conv (windows times kernels, groups in chunks) is torch's conv, to rounding."""
+    cin, cout, g = cg
+    k, st_, d, p = data.draw(geometry(nd))
+    x = randn(gen, batch, cin, *input_size(data.draw, nd, k, d, p))
+    W, b = randn(gen, cout, cin // g, *k), randn(gen, cout) if bias else None
+    flat = [v for a in reversed(range(nd)) for v in p[a]]
+    xp = F.pad(x, flat)
+    ref = (F.conv1d, F.conv2d, F.conv3d)[nd - 1](xp, W, b, st_, 0, d, g)
+    old = K.GROUPED_CONV_CHUNK
+    K.GROUPED_CONV_CHUNK = chunk or old
+    try:
+        got = K.grouped_conv(xp, W, b, st_, d, g)
+    finally:
+        K.GROUPED_CONV_CHUNK = old
+    close(got, ref, 1e-12)
+    close(K.conv_nd(x, W, b, st_, p, d, g), ref, 1e-12)
+
+
 @given(gen=rng(), nd=st.sampled_from([0, 1, 2, 3]), cg=channels_groups(), data=st.data(),
        bias=st.booleans(), s_kind=st.sampled_from(["vec", "scalar"]),
        t_kind=st.sampled_from(["vec", "scalar", None]))
