@@ -6,20 +6,15 @@ regions (fused on their own), the rest stays as it was and is reported as opaque
 from __future__ import annotations
 
 import contextlib
-import copy
-import io
-
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
-from torch.fx.passes.shape_prop import ShapeProp
-from torch.utils._pytree import tree_map
 
 from .errors import CaptureError
+from .shapes import attach_shapes
 
 
 @dataclass
@@ -58,63 +53,6 @@ def record_inputs(model: nn.Module, example_inputs: tuple) -> dict[str, tuple]:
         for h in hooks:
             h.remove()
     return seen
-
-
-def meta_mirror(module: nn.Module) -> nn.Module:
-    """A copy of ``module`` whose parameters and buffers live on the meta device (no data is copied)."""
-    memo = {}
-    for t in list(module.parameters()) + list(module.buffers()):
-        meta = torch.empty_like(t, device="meta")
-        memo[id(t)] = nn.Parameter(meta, t.requires_grad) if isinstance(t, nn.Parameter) else meta
-    return copy.deepcopy(module, memo)
-
-
-class _MetaShapeProp(ShapeProp):
-    """ShapeProp on the 'meta' device: every module and tensor is mirrored without data, so shapes
-    come out without computing anything."""
-
-    def __init__(self, gm: fx.GraphModule):
-        super().__init__(gm)
-        self._mirrors: dict[str, nn.Module] = {}
-
-    def call_module(self, target, args, kwargs):
-        module = self.fetch_attr(target)
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and args and isinstance(args[0], torch.Tensor):
-            return torch.empty_like(args[0])  # shape-preserving; its meta kernel would pull in torch._dynamo
-        if target not in self._mirrors:
-            self._mirrors[target] = meta_mirror(self.fetch_attr(target))
-        return self._mirrors[target](*args, **kwargs)
-
-    def call_function(self, target, args, kwargs):
-        if target in (F.batch_norm, torch.batch_norm) and args and isinstance(args[0], torch.Tensor):
-            return torch.empty_like(args[0])
-        return super().call_function(target, args, kwargs)
-
-    def get_attr(self, target, args, kwargs):
-        value = super().get_attr(target, args, kwargs)
-        return value.to("meta") if isinstance(value, torch.Tensor) else value
-
-
-def _to_meta(x):
-    return x.to("meta") if isinstance(x, torch.Tensor) else x
-
-
-def attach_shapes(gm: fx.GraphModule, inputs: tuple | None) -> bool:
-    """Annotate nodes with output shapes (on the meta device when possible, else by running). True if done."""
-    if inputs is None:
-        return False
-    # ShapeProp prints a traceback to stderr before raising; the failure is handled here, so keep it quiet
-    with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
-        try:
-            _MetaShapeProp(gm).propagate(*tree_map(_to_meta, inputs))
-            return True
-        except Exception:
-            pass
-        try:
-            ShapeProp(gm).propagate(*inputs)
-            return True
-        except Exception:
-            return False
 
 
 class _IndexedTracer(fx.Tracer):

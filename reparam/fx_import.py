@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from . import aten_ops, kernels
 from .ir import Graph, Node
 from .ops import (Affine, AvgPool, Cat, Conv, Flatten, Identity, Input, Linear, Mean, Opaque, Pad, Slice, Sum, f64)
+from .shapes import same_forward
 
 
 @dataclass
@@ -57,12 +58,6 @@ def fx_dtype(n: fx.Node) -> torch.dtype | None:
         return val.dtype
     tm = n.meta.get("tensor_meta")
     return getattr(tm, "dtype", None)
-
-
-def _same_forward(m: nn.Module, base: type) -> bool:
-    """A module of ``base`` type whose forward has not been overridden (so it means what base means)."""
-    return isinstance(m, base) and all(getattr(type(m), f, None) is getattr(base, f, None)
-                                       for f in ("forward", "_conv_forward"))
 
 
 def _tuple(v, n):
@@ -188,7 +183,7 @@ class _Importer:
         if len(n.args) != 1 or n.kwargs or not isinstance(x, fx.Node):
             return None
         for base in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
-            if _same_forward(m, base):
+            if same_forward(m, base):
                 return conv_op(m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups, m.padding_mode), [x]
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and type(m).forward is type(m).__mro__[1].forward \
                 or type(m) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm):
@@ -197,7 +192,7 @@ class _Importer:
                                   f"is not affine; left as is")
                 return None
             return _bn_affine(m.running_mean, m.running_var, m.weight, m.bias, m.eps, m.running_mean), [x]
-        if _same_forward(m, nn.Linear):
+        if same_forward(m, nn.Linear):
             return Linear(f64(m.weight), f64(m.bias), dtype=m.weight.dtype, device=m.weight.device), [x]
         if type(m) is nn.Identity or (isinstance(m, nn.modules.dropout._DropoutNd) and not m.training):
             return Identity(), [x]
