@@ -46,6 +46,32 @@ def by_source(terms: list[Term]) -> list[list[Term]]:
     return list(groups.values())
 
 
+def nested_sum(term: Node, total: Node) -> tuple[Node, float] | None:
+    """(y, α) when the term ``term`` of the Sum ``total`` is y or α·y (a scalar, no shift) for a Sum y of
+    ``total``'s shape that nothing else reads: y's terms can join ``total``'s (sum_flatten does it)."""
+    inner, alpha = term, 1.0
+    op = term.op
+    if isinstance(op, Affine) and op.is_scalar and (op.shift is None or not bool(op.shift.any())) \
+            and len(term.users) == 1 and term.inputs and isinstance(term.inputs[0].op, Sum):
+        inner, alpha = term.inputs[0], float(op.scale)
+    if isinstance(inner.op, Sum) and len(inner.users) == 1 and inner.shape == total.shape:
+        return inner, alpha
+    return None
+
+
+def joins_outer_sum(total: Node) -> bool:
+    """True when the Sum ``total`` will be flattened into the Sum that reads it (directly or scaled):
+    merging its branches is then left to the outer sum, which sees all of them at once."""
+    if len(total.users) != 1:
+        return False
+    user = total.users[0]
+    term, outer = (user, user.users[0]) if isinstance(user.op, Affine) and len(user.users) == 1 else (total, user)
+    if not isinstance(outer.op, Sum):
+        return False
+    found = nested_sum(term, outer)
+    return found is not None and found[0] is total
+
+
 def affine_source(node: Node) -> tuple[Node, Affine | None]:
     """For a branch a(x) with a per-channel (axis 1) or scalar affine: (x, a); else (node, None)."""
     if isinstance(node.op, Affine) and node.rank and node.op.acts_on(1, node.rank):

@@ -2,7 +2,7 @@ from reparam import opmath
 from reparam.ops import Linear, Sum
 from reparam.pattern import P
 from reparam.rule import rule
-from reparam.terms import by_source, rebuild, sum_terms
+from reparam.terms import by_source, joins_outer_sum, rebuild, sum_terms
 
 
 @rule(P(Sum, name="total"))
@@ -11,6 +11,8 @@ def linear_sum(total):
 
     Exact always, for Linears of the same input with the same output size.
     """
+    if joins_outer_sum(total):  # merge once, at the root of the sum tree
+        return None
     for group in by_source(sum_terms(total)):
         lins = [t for t in group if isinstance(t.node.op, Linear) and len(t.node.users) == 1]
         by_out: dict = {}

@@ -2,7 +2,7 @@ from reparam import opmath
 from reparam.ops import Conv, Sum
 from reparam.pattern import P
 from reparam.rule import require, rule
-from reparam.terms import by_source, rebuild, sum_terms
+from reparam.terms import by_source, joins_outer_sum, rebuild, sum_terms
 
 
 _KEY_FIELDS = ("nd", "stride", "dilation", "groups", "padding_mode", "in_channels", "out_channels")
@@ -30,6 +30,8 @@ def parallel_sum_pad(total):
     sizes for every input size (checked by kernels.parallel_offsets). Covers asymmetric
     kernels (1×k, k×1, 5×3), explicit F.pad alignment (after pad_fold), subtraction and scalar weights.
     """
+    if joins_outer_sum(total):  # merge once, at the root of the sum tree
+        return None
     terms = sum_terms(total)
     sizes = {}
     for t in terms:

@@ -1,15 +1,7 @@
-from reparam.ops import Affine, Sum
+from reparam.ops import Sum
 from reparam.pattern import P
 from reparam.rule import rule
-
-
-def _scalar_of(node):
-    """α when ``node`` is α·y (a scalar affine without shift) of a sum y that nothing else reads."""
-    op = node.op
-    if isinstance(op, Affine) and op.is_scalar and (op.shift is None or not bool(op.shift.any())) \
-            and len(node.users) == 1 and isinstance(node.inputs[0].op, Sum):
-        return float(op.scale)
-    return None
+from reparam.terms import nested_sum
 
 
 @rule(P(Sum, name="total"))
@@ -20,14 +12,13 @@ def sum_flatten(total):
     """
     coeffs, inputs, nested = [], [], False
     for c, n in zip(total.op.coeffs, total.inputs):
-        alpha = _scalar_of(n)
-        inner = n.inputs[0] if alpha is not None else n
-        alpha = 1.0 if alpha is None else alpha
-        if isinstance(inner.op, Sum) and len(inner.users) == 1 and inner.shape == total.shape:
-            nested = True
-            coeffs += [c * alpha * d for d in inner.op.coeffs]
-            inputs += inner.inputs
-        else:
+        found = nested_sum(n, total)
+        if found is None:
             coeffs.append(c)
             inputs.append(n)
+            continue
+        inner, alpha = found
+        nested = True
+        coeffs += [c * alpha * d for d in inner.op.coeffs]
+        inputs += inner.inputs
     return Sum(tuple(coeffs))(*inputs) if nested else None
