@@ -6,7 +6,7 @@
 """
 from . import kernels, ops
 from .api import fuse
-from .errors import (CaptureError, FixpointError, ReparamError, RewriteMismatch, VerificationError)
+from .errors import (CaptureError, FixpointError, ReparamError, RewriteMismatch, RuleError, VerificationError)
 from .ir import Expr, Graph, Node
 from .pattern import P, X
 from .registry import builtin_rules, load_rule_file, select_rules
@@ -32,4 +32,4 @@ def fuse_exported(*args, **kwargs):
 
 __all__ = ["fuse", "fuse_onnx", "fuse_exported", "rule", "require", "Refusal", "Rule", "P", "X", "ops", "kernels",
            "Expr", "Graph", "Node", "builtin_rules", "load_rule_file", "select_rules", "Report", "ReparamError",
-           "CaptureError", "FixpointError", "RewriteMismatch", "VerificationError"]
+           "CaptureError", "FixpointError", "RewriteMismatch", "RuleError", "VerificationError"]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -17,6 +18,7 @@ from .errors import CaptureError, ReparamError, VerificationError
 from .fx_export import export_fx
 from .fx_import import import_fx
 from .fx_prune import prune_unused
+from .ir import Graph
 from .registry import select_rules
 from .report import Report, Verification, count_model
 from .rule import Rule
@@ -39,7 +41,8 @@ def _rewrite(model: nn.Module, inputs, rules, check, stop_after, report: Report)
     """Capture ``model`` (in eval mode for the while), rewrite every region, write the regions back into
     a copy. The model itself is left as it was.
 
-    Returns the deploy model and a twin whose new tensors are float64 (for exact verification)."""
+    Returns the deploy model and a function building its twin whose new tensors are float64 (for exact
+    verification; built only when it is needed)."""
     with eval_mode(model):
         return _rewrite_eval(model, inputs, rules, check, stop_after, report)
 
@@ -56,38 +59,60 @@ def _rewrite_eval(work: nn.Module, inputs, rules, check, stop_after, report: Rep
     if cap.opaque.get("") and cap.regions:
         report.notes.append(f"the model's forward could not be traced as a whole ({cap.opaque['']}); "
                             f"{len(cap.regions)} traceable submodule(s) were fused separately")
-    result = twin = work
-    if any(r.path for r in cap.regions):
-        result = copy.deepcopy(work)
-        twin = copy.deepcopy(result)
+    whole = None
+    result = work if any(not r.path for r in cap.regions) else copy.deepcopy(work)  # never the input itself
+    rewritten: list[tuple[str, Rewritten]] = []
     budget = stop_after
     for region in cap.regions:
-        fused, fused64, count = rewrite_graph_module(region.gm, rules, check, budget, report, region.path)
+        done = rewrite_graph_module(region.gm, rules, check, budget, report, region.path)
+        rewritten.append((region.path, done))
         if region.path:
-            set_submodule(result, region.path, fused)
-            set_submodule(twin, region.path, fused64)
+            set_submodule(result, region.path, done.fused)
         else:
-            result, twin = fused, fused64
+            whole = done
         if budget is not None:
-            budget -= count
-            if budget <= 0:
-                budget = 0
+            budget = max(budget - done.count, 0)
+    if whole is not None:
+        return whole.fused, whole.float64_twin
+
+    def twin() -> nn.Module:
+        out = copy.deepcopy(result)
+        for path, done in rewritten:
+            set_submodule(out, path, done.float64_twin())
+        return out
+
     return result, twin
 
 
-def rewrite_graph_module(gm: fx.GraphModule, rules, check, stop_after, report: Report, path: str = ""):
-    """Import ``gm`` (shapes attached), rewrite it to a fixpoint, export it back; log into ``report``.
+@dataclass
+class Rewritten:
+    """A rewritten graph: the deploy GraphModule and the number of rewrites applied."""
 
-    Returns the deploy GraphModule, its float64 twin and the number of rewrites applied."""
+    graph: Graph
+    source: fx.GraphModule
+    fused: fx.GraphModule
+    count: int
+
+    def float64_twin(self) -> fx.GraphModule:
+        """The same graph with every new tensor in float64, as computed (not cast), for exact verification."""
+        return export_fx(self.graph, self.source, torch.float64)
+
+
+def rewrite_graph_module(gm: fx.GraphModule, rules, check, stop_after, report: Report, path: str = "") -> Rewritten:
+    """Import ``gm`` (shapes attached), rewrite it to a fixpoint, export it back; log into ``report``."""
     graph, notes = import_fx(gm)
     prune_unused(graph)
     report.notes.extend(f"{path + ': ' if path else ''}{n}" for n in notes)
     engine = Engine(rules, check=check, stop_after=stop_after)
-    log = engine.run(graph)
+    log = engine.run(graph, wait=False)
+    try:
+        fused = export_fx(graph, gm, copy_modules=True)  # while the last local checks finish
+    finally:
+        engine.wait()
     prefix = f"{path}." if path else ""
     report.rules_fired += [dict(rule=e.rule, where=prefix + e.where, detail=e.detail) for e in log.fired_events()]
     report.refusals += [dict(rule=e.rule, where=prefix + e.where, detail=e.detail) for e in log.refusals()]
-    return export_fx(graph, gm, copy_modules=True), export_fx(graph, gm, torch.float64), engine.count
+    return Rewritten(graph, gm, fused, engine.count)
 
 
 def fuse(model: nn.Module, example_inputs=None, *, rules: Sequence[Rule] | None = None,
@@ -119,13 +144,14 @@ def fuse(model: nn.Module, example_inputs=None, *, rules: Sequence[Rule] | None 
     t0 = time.perf_counter()
     if progress is not None:
         progress("rewrite")
-    fused, fused64 = _rewrite(model, inputs, chosen, check, _stop_after, rep)
+    fused, twin = _rewrite(model, inputs, chosen, check, _stop_after, rep)
     rep.seconds["rewrite"] = time.perf_counter() - t0
     if verify and inputs is not None and _stop_after is None:
         t0 = time.perf_counter()
         if progress is not None:
             progress("verify")
-        rep.verification = _verify(model, fused, fused64, inputs, tolerance)
+        with eval_mode(model):  # the twin shares the model's unchanged modules, which exporting puts in eval
+            rep.verification = _verify(model, fused, twin(), inputs, tolerance)
         rep.seconds["verify"] = time.perf_counter() - t0
         if not rep.verification.passed:
             culprit = _find_culprit(model, inputs, chosen, check, tolerance, len(rep.rules_fired), rep)
@@ -160,8 +186,9 @@ def _verify(original: nn.Module, fused: nn.Module, fused64: nn.Module, inputs: t
 def _find_culprit(model, inputs, rules, check, tolerance, total: int, rep: Report) -> str:
     """Bisect the rewrite sequence for the first rewrite after which the model stops matching."""
     def right_after(k: int) -> bool:
-        partial, partial64 = _rewrite(model, inputs, rules, check, k, Report())
-        return _verify(model, partial, partial64, inputs, tolerance).passed
+        partial, twin = _rewrite(model, inputs, rules, check, k, Report())
+        with eval_mode(model):
+            return _verify(model, partial, twin(), inputs, tolerance).passed
 
     return bisect_culprit(right_after, total, rep)
 

@@ -8,11 +8,12 @@ iteration guard, and the log of what fired and what refused and why.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 from dataclasses import dataclass, field
 
 import torch
 
-from .errors import FixpointError, RewriteMismatch
+from .errors import FixpointError, ReparamError, RewriteMismatch, RuleError
 from .ir import Expr, Graph, Node
 from .ops import (Affine, AvgPool, Cat, Conv, Identity, Input, Opaque, Pad, Slice, Sum, output_shape)
 from .rule import Refusal, Rule
@@ -78,23 +79,6 @@ def absorbed_nodes(root: Node, leaves: list[Node]) -> list[Node]:
     return list(seen.values())
 
 
-def _evaluate_subgraph(root: Node, absorbed: dict[int, Node], values: dict[int, torch.Tensor]):
-    def ev(n: Node):
-        if n.id in values:
-            return values[n.id]
-        v = n.op.evaluate(*[ev(i) for i in n.inputs])
-        values[n.id] = v
-        return v
-
-    return ev(root)
-
-
-def _evaluate_expr(e: Expr | Node, values: dict[int, torch.Tensor]):
-    if isinstance(e, Node):
-        return values[e.id]
-    return e.op.evaluate(*[_evaluate_expr(i, values) for i in e.inputs])
-
-
 def _expr_ops(e: Expr) -> list:
     out = [e.op]
     for i in e.inputs:
@@ -111,34 +95,95 @@ def _check_shapes(leaves: list[Node], ops: list) -> list[tuple[int, ...]] | None
     spatial = {s[2:] for s in shapes}
     if len(spatial) == 1 and all(isinstance(op, _SHRINKABLE) or (isinstance(op, (Cat, Slice)) and op.dim == 1)
                                  for op in ops):
-        reach = [max(op.extent) + 2 * max(op.stride) + 3 for op in ops if isinstance(op, Conv) and op.nd]
-        reach += [max(op.kernel_size) + 2 * max(op.stride) + 3 for op in ops if isinstance(op, AvgPool)]
-        reach += [max(max(p) for p in op.pads) * 2 + 4 for op in ops if isinstance(op, Pad) and op.pads]
-        size = max(reach, default=4)
+        # per window: its extent plus two strides less one (both borders, an interior position, every phase)
+        reach = [max(op.extent) + 2 * max(op.stride) - 1 for op in ops if isinstance(op, Conv) and op.nd]
+        reach += [max(op.kernel_size) + 2 * max(op.stride) - 1 for op in ops if isinstance(op, AvgPool)]
+        reach += [max(max(p) for p in op.pads) * 2 + 2 for op in ops if isinstance(op, Pad) and op.pads]
+        size = max(reach, default=3)
         shapes = [(*s[:2], *(min(n, size) for n in s[2:])) for s in shapes]
     return shapes
 
 
-def local_check(rule: Rule, root: Node, expr: Expr, absorbed: list[Node], seed: int) -> None:
-    """Compare the absorbed subgraph with its replacement on random float64 inputs."""
+def _program(root: Node, expr: Expr, leaves: list[Node]) -> tuple[list, int, int]:
+    """Both sides of a rewrite as one straight-line program over the leaves' values: a list of
+    (op, input slots), and the slots holding the old root's value and the replacement's."""
+    slots = {n.id: k for k, n in enumerate(leaves)}
+    steps: list = []
+
+    def old(n: Node) -> int:
+        if n.id not in slots:
+            args = [old(i) for i in n.inputs]
+            steps.append((n.op, args))
+            slots[n.id] = len(leaves) + len(steps) - 1
+        return slots[n.id]
+
+    def new(e: Expr | Node) -> int:
+        if isinstance(e, Node):
+            return slots[e.id]
+        args = [new(i) for i in e.inputs]
+        steps.append((e.op, args))
+        return len(leaves) + len(steps) - 1
+
+    return steps, old(root), new(expr)
+
+
+def prepare_check(rule: Rule, root: Node, expr: Expr, absorbed: list[Node], seed: int):
+    """The local check of a rewrite, ready to run: a function comparing the absorbed subgraph with its
+    replacement on random float64 inputs (it raises RewriteMismatch). Refuses here when the leaves'
+    shapes are unknown. Everything it needs is captured now, so it may run while the graph changes."""
     leaves = list({n.id: n for n in expr.leaves()}.values())
     ops = [n.op for n in absorbed] + _expr_ops(expr)
     shapes = _check_shapes(leaves, ops)
     if shapes is None:
         raise Refusal("input shapes are unknown, so the rewrite cannot be checked (pass example inputs)")
-    gen = torch.Generator().manual_seed(seed)
-    values = {n.id: torch.randn(s, generator=gen, dtype=torch.float64) for n, s in zip(leaves, shapes)}
-    try:
-        want = _evaluate_subgraph(root, {n.id: n for n in absorbed}, dict(values))
-        got = _evaluate_expr(expr, values)
-    except (RuntimeError, ValueError) as err:
-        raise RewriteMismatch(rule.name, root.name, f"could not evaluate the rewrite: {err}") from err
-    if got.shape != want.shape:
-        raise RewriteMismatch(rule.name, root.name, f"shape {tuple(got.shape)} instead of {tuple(want.shape)}")
-    scale = want.abs().max().clamp_min(1e-30)
-    err = float((got - want).abs().max() / scale)
-    if not err <= LOCAL_RTOL:
-        raise RewriteMismatch(rule.name, root.name, f"relative error {err:.3g} on random inputs")
+    steps, want_slot, got_slot = _program(root, expr, leaves)
+    name, where = rule.name, root.name
+
+    def run() -> None:
+        gen = torch.Generator().manual_seed(seed)
+        values = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+        try:
+            for op, args in steps:
+                values.append(op.evaluate(*[values[a] for a in args]))
+        except (RuntimeError, ValueError) as err:
+            raise RewriteMismatch(name, where, f"could not evaluate the rewrite: {err}") from err
+        want, got = values[want_slot], values[got_slot]
+        if got.shape != want.shape:
+            raise RewriteMismatch(name, where, f"shape {tuple(got.shape)} instead of {tuple(want.shape)}")
+        scale = want.abs().max().clamp_min(1e-30)
+        err = float((got - want).abs().max() / scale)
+        if not err <= LOCAL_RTOL:
+            raise RewriteMismatch(name, where, f"relative error {err:.3g} on random inputs")
+
+    return run
+
+
+def local_check(rule: Rule, root: Node, expr: Expr, absorbed: list[Node], seed: int) -> None:
+    """Compare the absorbed subgraph with its replacement on random float64 inputs, now."""
+    prepare_check(rule, root, expr, absorbed, seed)()
+
+
+class _Checks:
+    """Local checks run in order on one worker thread, beside the rewriting (their tensor work releases
+    the GIL). ``wait`` raises the first failure, in the order the rewrites were applied."""
+
+    def __init__(self):
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="reparam-check")
+        self.pending: list[concurrent.futures.Future] = []
+
+    def submit(self, check) -> None:
+        self.pending.append(self.pool.submit(check))
+
+    def wait(self) -> None:
+        try:
+            for f in self.pending:
+                f.result()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.pending = []
 
 
 class Engine:
@@ -146,6 +191,8 @@ class Engine:
 
     def __init__(self, rules: list[Rule], *, check: bool = True, max_rewrites: int | None = None,
                  stop_after: int | None = None):
+        self._checks: _Checks | None = None
+        self._threads: int | None = None
         self.rules = rules
         self.check = check
         self.max_rewrites = max_rewrites
@@ -153,15 +200,37 @@ class Engine:
         self.log = RewriteLog()
         self.count = 0
 
-    def run(self, graph: Graph) -> RewriteLog:
-        """Rewrite ``graph`` in place to a fixpoint. Local checks run single-threaded: their tensors are
-        tiny, and a thread pool only adds overhead there."""
-        threads = torch.get_num_threads()
+    def run(self, graph: Graph, wait: bool = True) -> RewriteLog:
+        """Rewrite ``graph`` in place to a fixpoint. Each rewrite's local check runs on a worker thread
+        while the rewriting goes on; torch runs single-threaded meanwhile (the checks' tensors are tiny).
+        With ``wait`` this returns once every check has passed; otherwise call :meth:`wait` before using
+        the result. A failed check raises RewriteMismatch naming its rewrite, even if a later step failed."""
+        self._threads = torch.get_num_threads()
         torch.set_num_threads(1)
+        self._checks = _Checks() if self.check else None
         try:
-            return self._run(graph)
+            self._run(graph)
+        except Exception:
+            self.wait()  # a wrong earlier rewrite explains a later failure: report it first
+            raise
+        except BaseException:  # interrupted: do not wait for the checks
+            self.wait(cancel=True)
+            raise
+        if wait:
+            self.wait()
+        return self.log
+
+    def wait(self, cancel: bool = False) -> None:
+        """Wait for the pending local checks and raise the first failure (or drop them, with ``cancel``);
+        restore torch's thread count."""
+        checks, self._checks = self._checks, None
+        try:
+            if checks is not None:
+                checks.close() if cancel else checks.wait()
         finally:
-            torch.set_num_threads(threads)
+            if self._threads is not None:
+                torch.set_num_threads(self._threads)
+                self._threads = None
 
     def _run(self, graph: Graph) -> RewriteLog:
         order = graph.nodes
@@ -198,20 +267,35 @@ class Engine:
             if bound is None:
                 continue
             try:
-                expr = rule(**bound)
+                expr = self._call(rule, node, bound)
                 if expr is None:
                     continue
                 if isinstance(expr, Node):  # the root is just one of its inputs
                     expr = Expr(Identity(), (expr,))
                 absorbed = absorbed_nodes(node, expr.leaves())
                 self._check_consumers(graph, node, absorbed)
-                if self.check:
-                    local_check(rule, node, expr, absorbed, seed=self.count)
+                check = prepare_check(rule, node, expr, absorbed, seed=self.count) if self.check else None
             except Refusal as r:
                 self.log.refused(rule, node.name, str(r))
                 continue
+            if check is not None:
+                self._checks.submit(check)
             return self._apply(graph, rule, node, expr, absorbed)
         return None
+
+    @staticmethod
+    def _call(rule: Rule, node: Node, bound: dict[str, Node]) -> Expr | Node | None:
+        """The rule's rewrite of the match; a crash or a result that is not an expression is the rule's bug."""
+        try:
+            expr = rule(**bound)
+        except (Refusal, ReparamError):
+            raise
+        except Exception as err:
+            raise RuleError(rule.name, node.name, f"{type(err).__name__}: {err}") from err
+        if expr is not None and not isinstance(expr, (Expr, Node)):
+            raise RuleError(rule.name, node.name, f"it returned a {type(expr).__name__}; a rule returns an "
+                            f"expression built by calling ops on nodes (Conv(...)(x)), a node, or None")
+        return expr
 
     @staticmethod
     def _check_consumers(graph: Graph, root: Node, absorbed: list[Node]) -> None:

@@ -15,6 +15,14 @@ class RewriteMismatch(ReparamError):
                          f"case; disable it (rules/disable) and report it.")
 
 
+class RuleError(ReparamError):
+    """A rule crashed or returned something that is not an expression (a bug in that rule)."""
+
+    def __init__(self, rule: str, where: str, detail: str):
+        self.rule, self.where, self.detail = rule, where, detail
+        super().__init__(f"rule '{rule}' failed at '{where}': {detail}. Fix or disable that rule.")
+
+
 class FixpointError(ReparamError):
     """Rules kept rewriting without reaching a fixpoint (a rule that rewrites its own output)."""
 

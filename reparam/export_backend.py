@@ -139,14 +139,15 @@ def _with_signature(fused: fx.GraphModule, source: fx.GraphModule) -> fx.GraphMo
 
 def _rewrite(ep, rules, check, stop_after, rep: Report):
     gm = _unlifted(ep)
-    fused, fused64, count = rewrite_graph_module(gm, rules, check, stop_after, rep)
-    return _with_signature(fused, gm), _with_signature(fused64, gm), count
+    done = rewrite_graph_module(gm, rules, check, stop_after, rep)
+    return _with_signature(done.fused, gm), lambda: _with_signature(done.float64_twin(), gm), done.count
 
 
-def _verify(ep, fused, fused64, flat, n_args, kw, tolerance) -> Verification:
+def _verify(ep, fused, twin, flat, n_args, kw, tolerance) -> Verification:
+    """``fused`` and its float64 ``twin()`` against ``ep.module()`` run in float64."""
     probe = verify_mod.random_like(tuple(flat), seed=1234)
     want = verify_mod.run(_Call(ep.module(), n_args, kw), probe, torch.float64)
-    got64 = verify_mod.run(_Call(fused64, n_args, kw), probe, torch.float64)
+    got64 = verify_mod.run(_Call(twin(), n_args, kw), probe, torch.float64)
     got = verify_mod.run(_Call(fused, n_args, kw), probe)
     err64 = verify_mod.relative_error(got64, want)
     shapes = [list(t.shape) for t in flat if isinstance(t, torch.Tensor)]
@@ -174,16 +175,16 @@ def fuse_exported(ep: torch.export.ExportedProgram, *, rules: Sequence[Rule] | N
     flat = list(args) + [kwargs[k] for k in kw]
 
     t0 = time.perf_counter()
-    fused, fused64, total = _rewrite(ep, chosen, check, None, rep)
+    fused, twin, total = _rewrite(ep, chosen, check, None, rep)
     rep.seconds["rewrite"] = time.perf_counter() - t0
     if verify:
         t0 = time.perf_counter()
-        rep.verification = _verify(ep, fused, fused64, flat, len(args), kw, tolerance)
+        rep.verification = _verify(ep, fused, twin, flat, len(args), kw, tolerance)
         rep.seconds["verify"] = time.perf_counter() - t0
         if not rep.verification.passed:
             def right_after(k: int) -> bool:
-                part, part64, _ = _rewrite(ep, chosen, check, k, Report())
-                return _verify(ep, part, part64, flat, len(args), kw, tolerance).passed
+                part, part_twin, _ = _rewrite(ep, chosen, check, k, Report())
+                return _verify(ep, part, part_twin, flat, len(args), kw, tolerance).passed
 
             culprit = bisect_culprit(right_after, total, rep)
             raise VerificationError(

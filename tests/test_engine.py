@@ -52,3 +52,39 @@ def test_two_rules_undoing_each_other_are_stopped_and_one_of_them_named():
 def test_a_terminating_rule_set_reaches_its_fixpoint():
     fused = reparam.fuse(_model(), torch.randn(1, 3, 8, 8))
     assert count_ops(fused)["bns"] == 1  # the BN after the ReLU stays; the one after the conv folds
+
+
+@rule(P(Affine, X("x"), name="a"))
+def crashing(x, a):
+    """a(x) = ? (raises, as a buggy rule would)."""
+    raise KeyError("nope")
+
+
+@rule(P(Affine, X("x"), name="a"))
+def returns_a_number(x, a):
+    """a(x) = 3 (not an expression)."""
+    return 3
+
+
+@pytest.mark.parametrize("bad, says", [(crashing, "KeyError: 'nope'"), (returns_a_number, "returned a int")])
+def test_a_broken_rule_is_named_with_where_it_failed(bad, says):
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(reparam.RuleError) as info:
+        reparam.fuse(model, torch.randn(1, 3, 8, 8), extra_rules=[bad])
+    assert info.value.rule == bad.name and info.value.where == "1" and says in str(info.value)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@rule(P(Affine, X("x"), name="a"))
+def wrong_then_fine(x, a):
+    """a(x) = 2·a(x) once (deliberately wrong), so that the check that fails is an early one."""
+    if a.op.dtype == torch.float16:
+        return None
+    return Affine(a.op.scale * 2, a.op.shift, a.op.axis, dtype=torch.float16, device=a.op.device)(x)
+
+
+def test_a_failed_local_check_wins_over_a_later_error():
+    """Checks run beside the rewriting; when a later step fails, the earlier wrong rewrite is what is reported."""
+    with pytest.raises(reparam.RewriteMismatch, match="wrong_then_fine"):
+        reparam.fuse(_model(), torch.randn(1, 3, 8, 8), rules=[wrong_then_fine, crashing])
