@@ -256,8 +256,9 @@ def conv_nd(x, W, b, stride, pad, dilation, groups):
         return F.conv1d(x[..., None], W[..., None], b, groups=groups)[..., 0]
     flat = [p for a in reversed(range(nd)) for p in pad[a]]
     x = F.pad(x, flat) if any(flat) else x
-    if groups > 1 and x.dtype == torch.float64 and x.device.type == "cpu":
-        return grouped_conv(x, W, b, stride, dilation, groups)
+    if groups > 1 and x.dtype == torch.float64 and x.device.type == "cpu" and \
+            x.numel() * math.prod(W.shape[2:]) <= GROUPED_CONV_CHUNK // 16:
+        return grouped_conv(x, W, b, stride, dilation, groups)  # small inputs: where torch's group loop dominates
     conv = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
     return conv(x, W, b, tuple(stride), 0, tuple(dilation), groups)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import io
 import operator
 from typing import Any
@@ -18,8 +19,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.fx.passes.shape_prop import ShapeProp
-from torch.utils._pytree import tree_map
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+from torch.utils._pytree import tree_flatten, tree_map
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _SHAPE_KEEPING = (
@@ -28,6 +29,12 @@ _SHAPE_KEEPING = (
     nn.LeakyReLU, nn.ELU, nn.CELU, nn.SELU, nn.Softplus, nn.Hardtanh, nn.PReLU, nn.Softsign, nn.Tanhshrink,
 )
 _IN_PLACE = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem}
+# calls whose result is laid out like their operands (the first meta kernel call costs a second of set-up)
+_UNARY = {F.relu, F.relu6, F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid, F.sigmoid, F.tanh, F.leaky_relu,
+          F.elu, F.dropout, torch.relu, torch.sigmoid, torch.tanh, "relu", "sigmoid", "tanh", "contiguous"}
+_BINARY = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul, torch.div,
+           "add", "sub", "mul", "div"}
+_DIVISIONS = {operator.truediv, torch.div, "div"}
 
 
 def same_forward(m: nn.Module, base: type) -> bool:
@@ -62,6 +69,70 @@ def conv_output_shape(m: nn.Module, x: torch.Tensor) -> tuple[int, ...] | None:
     return (*x.shape[:-nd - 1], m.out_channels, *spatial)
 
 
+def _operand(v) -> bool:
+    return isinstance(v, torch.Tensor) or (isinstance(v, (int, float)) and not isinstance(v, bool))
+
+
+def elementwise_result(target, args, kwargs) -> torch.Tensor | None:
+    """The meta result of a unary or binary elementwise call (broadcast shape, promoted dtype), from its
+    operands alone; None when the call is not one of those."""
+    if target in _UNARY and args and isinstance(args[0], torch.Tensor) and \
+            not any(isinstance(v, torch.Tensor) for v in (*args[1:], *kwargs.values())):
+        return args[0].new_empty(args[0].shape)
+    if target in _BINARY and len(args) == 2 and set(kwargs) <= {"alpha"} and all(_operand(v) for v in args):
+        tensors = [v for v in args if isinstance(v, torch.Tensor)]
+        if not tensors:
+            return None
+        shape = _broadcast([tuple(t.shape) for t in tensors])
+        if shape is None:
+            return None  # let the real kernel raise its own error
+        dtype = torch.result_type(*args)
+        if target in _DIVISIONS and not (dtype.is_floating_point or dtype.is_complex):
+            dtype = torch.get_default_dtype()
+        return torch.empty(shape, dtype=dtype, device="meta")
+    if target in (torch.mean, "mean") and len(args) == 2 and isinstance(args[0], torch.Tensor) \
+            and args[0].dtype.is_floating_point and not set(kwargs) - {"keepdim"}:
+        return _mean_result(args[0], args[1], bool(kwargs.get("keepdim", False)))
+    if target in (torch.cat, torch.concat) and args and not set(kwargs) - {"dim"}:
+        return _cat_result(args[0], args[1] if len(args) > 1 else kwargs.get("dim", 0))
+    return None
+
+
+def _broadcast(shapes: list[tuple[int, ...]]) -> tuple[int, ...] | None:
+    """NumPy broadcasting of ``shapes`` (torch.broadcast_shapes imports torch's symbolic-shape code)."""
+    rank = max(len(s) for s in shapes)
+    out = []
+    for sizes in zip(*[(1,) * (rank - len(s)) + s for s in shapes]):
+        big = {n for n in sizes if n != 1}
+        if len(big) > 1:
+            return None
+        out.append(big.pop() if big else 1)
+    return tuple(out)
+
+
+def _mean_result(x: torch.Tensor, dims, keepdim: bool) -> torch.Tensor | None:
+    dims = (dims,) if isinstance(dims, int) else dims
+    if not isinstance(dims, (tuple, list)) or not dims or not all(isinstance(d, int) for d in dims) or x.ndim == 0:
+        return None
+    axes = {d % x.ndim for d in dims}
+    shape = [1 if k in axes else n for k, n in enumerate(x.shape) if keepdim or k not in axes]
+    return torch.empty(shape, dtype=x.dtype, device="meta")
+
+
+def _cat_result(tensors, dim) -> torch.Tensor | None:
+    if not isinstance(tensors, (list, tuple)) or not tensors or not isinstance(dim, int) or \
+            not all(isinstance(t, torch.Tensor) and t.ndim == tensors[0].ndim > 0 for t in tensors):
+        return None
+    d = dim % tensors[0].ndim
+    rest = {tuple(t.shape[:d]) + tuple(t.shape[d + 1:]) for t in tensors}
+    if len(rest) != 1:
+        return None
+    shape = list(tensors[0].shape)
+    shape[d] = sum(t.shape[d] for t in tensors)
+    dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
 def _layout(a: Any):
     """A hashable description of an argument that fixes a meta call's result, or raises TypeError."""
     if isinstance(a, torch.Tensor):
@@ -85,12 +156,27 @@ class _MetaShapeProp(ShapeProp):
         self._mirrors: dict[str, nn.Module] = {}
         self._calls: dict[tuple, Any] = {}
 
+    def run_node(self, n: fx.Node) -> Any:
+        """Run the node on meta and record its layout as ShapeProp does (``tensor_meta``), without
+        ShapeProp's memory-format queries, whose first use imports torch's symbolic-shape machinery."""
+        result = fx.Interpreter.run_node(self, n)
+
+        def describe(t):
+            if not isinstance(t, torch.Tensor):
+                return t
+            return TensorMetadata(t.shape, t.dtype, t.requires_grad, t.stride(), None, False, {})
+
+        if any(isinstance(t, torch.Tensor) for t in tree_flatten(result)[0]):
+            n.meta["tensor_meta"] = fx.node.map_aggregate(result, describe)
+        n.meta["type"] = type(result)
+        return result
+
     def call_module(self, target, args, kwargs):
         module = self.fetch_attr(target)
         x = args[0] if len(args) == 1 and not kwargs else None
         if isinstance(x, torch.Tensor):
             if isinstance(module, nn.modules.batchnorm._BatchNorm) or type(module) in _SHAPE_KEEPING:
-                return torch.empty_like(x)  # a BatchNorm's own meta kernel would pull in torch._dynamo
+                return x.new_empty(x.shape)  # a BatchNorm's own meta kernel would pull in torch._dynamo
             if any(same_forward(module, c) for c in _CONVS) and (shape := conv_output_shape(module, x)):
                 return x.new_empty(shape)
             if same_forward(module, nn.Linear) and x.ndim >= 1 and x.shape[-1] == module.in_features \
@@ -102,10 +188,16 @@ class _MetaShapeProp(ShapeProp):
 
     def call_function(self, target, args, kwargs):
         if target in (F.batch_norm, torch.batch_norm) and args and isinstance(args[0], torch.Tensor):
-            return torch.empty_like(args[0])
+            return args[0].new_empty(args[0].shape)
+        quick = elementwise_result(target, args, kwargs)
+        if quick is not None:
+            return quick
         return self._memoized(("f", target), target in _IN_PLACE, super().call_function, target, args, kwargs)
 
     def call_method(self, target, args, kwargs):
+        quick = elementwise_result(target, args, kwargs)
+        if quick is not None:
+            return quick
         return self._memoized(("m", target), target.endswith("_"), super().call_method, target, args, kwargs)
 
     def _memoized(self, what, in_place: bool, call, target, args, kwargs):

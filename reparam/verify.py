@@ -17,7 +17,7 @@ def _to(x, dtype):
 def run(model: nn.Module, inputs: tuple, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
     """The model's flattened tensor outputs, optionally run on a float-``dtype`` copy of the model."""
     if dtype is not None:
-        model = copy.deepcopy(model).to(dtype).eval()
+        model = copy_in(model, dtype)
         inputs = tree_map(lambda x: _to(x, dtype), inputs)
     elif model.training:
         model = copy.deepcopy(model).eval()
@@ -25,6 +25,19 @@ def run(model: nn.Module, inputs: tuple, dtype: torch.dtype | None = None) -> li
         out = model(*inputs)
     leaves, _ = tree_flatten(out)
     return [t for t in leaves if isinstance(t, torch.Tensor)]
+
+
+def copy_in(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """An eval-mode copy of ``model`` whose floating-point parameters and buffers are ``dtype`` tensors,
+    each converted once (no intermediate copy in the old dtype)."""
+    memo: dict[int, torch.Tensor] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) not in memo:
+            new = t.detach().to(dtype) if t.is_floating_point() else t.detach().clone()
+            if new.data_ptr() == t.data_ptr():
+                new = new.clone()
+            memo[id(t)] = nn.Parameter(new, t.requires_grad) if isinstance(t, nn.Parameter) else new
+    return copy.deepcopy(model, memo).eval()
 
 
 def relative_error(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:

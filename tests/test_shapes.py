@@ -27,11 +27,13 @@ class Mixed(nn.Module):
         self.a = nn.Conv2d(3, 3, 1)
         self.b = nn.Conv2d(3, 3, 1)
         self.fc = nn.Linear(6, 5)
+        self.scale = nn.Parameter(torch.ones(1, 6, 1, 1))
 
     def forward(self, x):
         y = self.act(self.bn(self.reflect(self.valid(self.same(x)))))
         p, q = y.chunk(2, 1)
-        y = torch.cat([self.a(p) + self.a(p), self.b(q) * 2.0], 1)
+        y = torch.cat([self.a(p) + self.a(p), self.b(q) * 2.0], 1) / self.scale - 1
+        y = torch.add(y, y.mean((2, 3), keepdim=True), alpha=0.5) * torch.sigmoid(y)
         return self.fc(F.relu(y).mean((2, 3))), y.flatten(1)
 
 
