@@ -367,8 +367,10 @@ class _Importer:
         one = torch.ones((), dtype=torch.float64)
         like = c if isinstance(c, torch.Tensor) else None
         meta = dict(dtype=like.dtype if like is not None else None, device=like.device if like is not None else None)
-        if f in add:
-            return Affine(one, values * alpha, axis, **meta), [x]
+        if f in add:  # x + α·c, or c + α·x
+            if x is a:
+                return Affine(one, values * alpha, axis, **meta), [x]
+            return Affine(float(alpha) * one, values, axis, **meta), [x]
         if f in sub:
             if x is a:
                 return Affine(one, -values * alpha, axis, **meta), [x]

@@ -138,3 +138,32 @@ def test_bad_input_shape_is_a_clear_error():
     model = nn.Sequential(nn.Conv2d(3, 4, 3)).eval()
     with pytest.raises(reparam.CaptureError, match="shape"):
         reparam.fuse(model, torch.randn(1, 5, 8, 8))
+
+
+class ArithmeticForms(nn.Module):
+    """Every operand order of add/sub with alpha, mul and div, by a scalar and by a per-channel constant,
+    each on its own conv, so that every one is folded into that conv's weights."""
+
+    FORMS = [
+        lambda y, k: torch.add(k, y, alpha=0.3), lambda y, k: torch.add(y, k, alpha=-1.5),
+        lambda y, k: torch.sub(k, y, alpha=2.5), lambda y, k: torch.sub(y, k, alpha=0.7),
+        lambda y, k: torch.add(0.25, y, alpha=3.0), lambda y, k: 1.5 - y, lambda y, k: y / k,
+        lambda y, k: 0.5 * y, lambda y, k: y * k, lambda y, k: y - 0.1, lambda y, k: -y,
+    ]
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(c, c, 3, padding=1) for _ in self.FORMS)
+        self.register_buffer("k", torch.linspace(0.5, 2.0, c).reshape(1, c, 1, 1))
+
+    def forward(self, x):
+        return sum(form(conv(x), self.k) for form, conv in zip(self.FORMS, self.convs))
+
+
+def test_arithmetic_operand_order_and_alpha_are_read_exactly():
+    """``c + α·x`` is not ``x + α·c``: checked with verification off, so only the import is on trial."""
+    model = ArithmeticForms().double().eval()
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    fused = reparam.fuse(model, x, verify=False)
+    assert count_model(fused).convs == 1
+    torch.testing.assert_close(fused(x), model(x), rtol=1e-12, atol=1e-12)
