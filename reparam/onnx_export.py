@@ -5,6 +5,11 @@ their data inputs re-pointed; new ops become Conv/Gemm/MatMul/Mul/Add/Sub/Concat
 AveragePool/ReduceMean/Flatten nodes whose tensors live in NEW uniquely named initializers cast to
 the op's dtype (an existing initializer is never edited: several nodes may share it). Graph inputs,
 outputs (names, order, types), opset, IR version, producer, functions and metadata are the original's.
+
+Control-flow nodes keep their original attributes (subgraphs included) byte for byte. Their subgraphs read
+outer tensors by name, so each such tensor is written under its original name before the node: a new op
+computing it takes the name, and a value that ended up under another name gets an Identity to it. A
+name already bound to a different value is refused (never a model whose subgraph reads the wrong tensor).
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ import torch
 
 from .errors import ReparamError
 from .ir import Graph, Node
-from .onnx_import import OnnxOrigin
+from .onnx_import import OnnxOrigin, subgraph_names
 from .ops import Affine, AvgPool, Cat, Conv, Flatten, Identity, Input, Linear, Mean, Pad, Slice, Sum
 
 _NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64}
@@ -32,6 +37,8 @@ class _Exporter:
         graph = model.graph
         self.taken: set[str] = {i.name for i in graph.initializer} | {i.name for i in graph.input} | \
             {o for n in graph.node for o in n.output} | {n.name for n in graph.node if n.name}
+        for node in graph.node:  # a new outer name must not collide with (or be shadowed by) a subgraph's
+            self.taken |= subgraph_names(node)
         self.claimed: set[str] = set()
         self.nodes: list[gs.Node] = []
         self.tensors: dict[int, gs.Tensor] = {}
@@ -40,6 +47,12 @@ class _Exporter:
         self.want: dict[int, str] = {}
         self.original_of: dict[str, Node] = {}
         self.known = g.meta.get("onnx_known", {})
+        self.protos: dict[int, onnx.NodeProto] = g.meta.get("onnx_protos", {})
+        self.initializers = g.meta.get("onnx_initializers", {})
+        self.restore: dict[int, onnx.NodeProto] = {}  # index in self.nodes -> original proto (its attributes)
+        self.outer_constants: set[str] = set()  # outer initializers some kept subgraph reads
+        self.reserved: dict[str, int] = {}  # names claimed ahead for this IR node's value
+        self.renamed: dict[tuple[int, str], gs.Variable] = {}  # (IR node, name): an Identity writing it
         for n in g.nodes:
             o = n.origin
             if isinstance(o, OnnxOrigin) and o.tensor:
@@ -90,14 +103,25 @@ class _Exporter:
             if o is None and n.id not in self.want and not isinstance(n.op, Identity):
                 self.want[n.id] = name
                 self.claimed.add(name)
-            else:  # written through an Identity at the end
+            else:  # written through an Identity at the end (or before a subgraph reading it)
                 self.claimed.add(name)
+            self.reserved.setdefault(name, n.id)
+        live = self.live()
+        for n in live:  # a new op whose value a subgraph reads by name is written under that name
+            o = n.origin
+            if not isinstance(o, OnnxOrigin) or not o.outer:
+                continue
+            for name, src in zip(o.inputs, n.inputs):
+                if name in o.outer and src.origin is None and src.id not in self.want and name not in self.claimed:
+                    self.want[src.id] = name
+                    self.claimed.add(name)
+                    self.reserved[name] = src.id
         inputs = [self.emit(n) for n in self.g.nodes if isinstance(n.op, Input)]
-        for n in self.live():
+        for n in live:
             self.emit(n)
         outputs = []
         for name, n in zip(names, self.g.outputs):
-            t = self.tensors[n.id]
+            t = self.renamed.get((n.id, name)) or self.tensors[n.id]
             if t.name != name:
                 out = gs.Variable(name)
                 self.nodes.append(gs.Node("Identity", self.fresh(f"{name}_identity"), inputs=[t], outputs=[out]))
@@ -108,11 +132,18 @@ class _Exporter:
     def finish(self, inputs, outputs) -> onnx.ModelProto:
         graph = gs.Graph(nodes=self.nodes, inputs=inputs, outputs=outputs, opset=self.opset)
         exported = gs.export_onnx(graph, do_type_check=False).graph
+        for k, proto in self.restore.items():  # subgraphs exactly as they were
+            node = exported.node[k]
+            if node.op_type != proto.op_type:
+                raise ReparamError("internal error: the exported nodes are out of step with the emitted ones; "
+                                   "please report it")
+            del node.attribute[:]
+            node.attribute.extend(proto.attribute)
         result = onnx.ModelProto()
         result.CopyFrom(self.model)
         g = result.graph
         produced = {o for n in exported.node for o in n.output}
-        keep_inits = {i.name for i in self.model.graph.input}
+        keep_inits = {i.name for i in self.model.graph.input} | self.outer_constants
         inits = [i for i in self.model.graph.initializer if i.name in keep_inits]
         have = {i.name for i in inits}
         inits += [i for i in exported.initializer if i.name not in have]
@@ -143,10 +174,31 @@ class _Exporter:
             return gs.Constant(self.fresh(name), np.asarray(self.known[name]))
         raise ReparamError(f"internal error: tensor '{name}' is read by an unchanged node but no longer computed")
 
+    def named(self, src: Node, name: str, reader: str) -> gs.Tensor:
+        """``src``'s value under the name ``name`` (which a kept subgraph of ``reader`` reads)."""
+        t = self.emit(src)
+        if t.name == name:
+            return t
+        if (src.id, name) in self.renamed:
+            return self.renamed[(src.id, name)]
+        if name in self.claimed and self.reserved.get(name) != src.id:
+            raise ReparamError(f"'{reader}': a subgraph reads the outer tensor '{name}', but after the rewrites that "
+                               f"name holds another value; this graph cannot be written back with its subgraphs "
+                               f"unchanged (disable the rule that rewrote '{name}')")
+        self.claimed.add(name)
+        out = gs.Variable(name)
+        self.nodes.append(gs.Node("Identity", self.fresh(f"{name}_identity"), inputs=[t], outputs=[out]))
+        self.renamed[(src.id, name)] = out
+        return out
+
     def emit_original(self, n: Node, o: OnnxOrigin) -> gs.Tensor:
         if o.node is None:  # a graph input
             return gs.Variable(o.tensor, dtype=None)
         mapping = {name: self.emit(i) for name, i in zip(o.inputs, n.inputs)}
+        for name, i in zip(o.inputs, n.inputs):  # written under the names the subgraphs read, before the node
+            if name in o.outer:
+                self.named(i, name, o.node.name or o.node.op)
+        self.outer_constants.update(name for name in o.outer if name not in mapping and name in self.initializers)
         inputs = []
         for t in o.node.inputs:
             if isinstance(t, gs.Constant):
@@ -169,8 +221,12 @@ class _Exporter:
                 else:
                     outs.append(gs.Variable(self.fresh(t.name)))
             name = o.node.name if first else self.fresh(o.node.name or o.node.op)
-            self.nodes.append(gs.Node(o.node.op, name, dict(o.node.attrs), inputs=inputs, outputs=outs,
-                                      domain=o.node.domain))
+            attrs = dict(o.node.attrs)
+            proto = self.protos.get(id(o.node))
+            if proto is not None:  # its attributes are restored from the original after the export
+                attrs = {k: v for k, v in attrs.items() if not _holds_graph(v)}
+                self.restore[len(self.nodes)] = proto
+            self.nodes.append(gs.Node(o.node.op, name, attrs, inputs=inputs, outputs=outs, domain=o.node.domain))
             self.emitted[key] = outs
         return self.emitted[key][o.index]
 
@@ -272,6 +328,10 @@ class _Exporter:
         for k, (x, c) in enumerate(terms[1:], 2):
             acc = self.node("Add" if c > 0 else "Sub", base, [acc, x], out=out if k == len(terms) else None)
         return acc
+
+
+def _holds_graph(v) -> bool:
+    return isinstance(v, gs.Graph) or (isinstance(v, (list, tuple)) and any(isinstance(x, gs.Graph) for x in v))
 
 
 def export_onnx(g: Graph, model: onnx.ModelProto) -> onnx.ModelProto:

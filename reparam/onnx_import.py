@@ -5,6 +5,9 @@ BatchNormalization, Add/Sub (two data inputs → Sum; a per-axis constant → Af
 constant, Neg, Concat, Split, single-axis unit-step Slice, Identity, inference Dropout, constant-zero
 Pad, AveragePool, GlobalAveragePool, ReduceMean, Flatten(axis=1), Gemm and MatMul with constant weights.
 Subgraphs ONNX Runtime fuses into one kernel (the erf GELU) stay opaque.
+Control-flow nodes (If/Loop/Scan, any node with a graph attribute) are opaque and their subgraphs are
+kept untouched; every outer tensor a subgraph reads by name (through nested subgraphs too) counts as an
+input of the node, for the order and for consumer counts, so no rewrite absorbs a value a subgraph reads.
 Constant nodes, and nodes whose inputs are all constants (shape arithmetic on static dimensions
 included), become Opaque nodes carrying their value. Shapes come from ONNX shape inference on a copy
 of the model whose dynamic input dimensions were fixed; decisions that must hold for every input size
@@ -42,6 +45,7 @@ class OnnxOrigin:
     index: int
     inputs: list[str] = field(default_factory=list)
     tensor: str = ""  # the original output tensor's name
+    outer: tuple[str, ...] = ()  # outer-scope names the node's subgraphs read (data ones are also in ``inputs``)
 
 
 # --- constants ---------------------------------------------------------------------------------
@@ -59,6 +63,52 @@ def _f64(a) -> torch.Tensor | None:
     return torch.from_numpy(np.array(a, dtype=np.float64))
 
 
+def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The graphs held by ``node``'s attributes (If branches, Loop/Scan bodies, any GRAPH(S) attribute)."""
+    out: list[onnx.GraphProto] = []
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            out.append(a.g)
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            out.extend(a.graphs)
+    return out
+
+
+def outer_reads(node: onnx.NodeProto) -> list[str]:
+    """The names ``node``'s subgraphs read from the scope around ``node``, recursively through nested
+    subgraphs: used (as a node input or a graph output) and not defined in the subgraph (as its input,
+    initializer or a node output). In first-use order."""
+    found: dict[str, None] = {}
+    for g in subgraphs(node):
+        found.update(dict.fromkeys(_free(g)))
+    return list(found)
+
+
+def _free(g: onnx.GraphProto) -> list[str]:
+    defined = {i.name for i in g.input} | {i.name for i in g.initializer} | {
+        s.values.name for s in g.sparse_initializer} | {o for n in g.node for o in n.output if o}
+    used: dict[str, None] = {}
+    for n in g.node:
+        used.update(dict.fromkeys(i for i in n.input if i))
+        for s in subgraphs(n):
+            used.update(dict.fromkeys(_free(s)))
+    used.update(dict.fromkeys(o.name for o in g.output if o.name))
+    return [name for name in used if name not in defined]
+
+
+def subgraph_names(node: onnx.NodeProto) -> set[str]:
+    """Every value name appearing anywhere inside ``node``'s subgraphs (so new outer names avoid them)."""
+    names: set[str] = set()
+    for g in subgraphs(node):
+        names |= {i.name for i in g.input} | {o.name for o in g.output} | {i.name for i in g.initializer} | {
+            s.values.name for s in g.sparse_initializer}
+        for n in g.node:
+            names |= set(n.input) | set(n.output)
+            names |= subgraph_names(n)
+    names.discard("")
+    return names
+
+
 def _attr(node: gs.Node, name: str, default=None):
     v = node.attrs.get(name, default)
     return v.decode() if isinstance(v, bytes) else v
@@ -69,6 +119,21 @@ class _Importer:
         self.model = model
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
         self.gs = gs.import_onnx(model)
+        self.protos: dict[int, onnx.NodeProto] = {}  # control-flow nodes: their original NodeProto
+        self.outer: dict[int, list[str]] = {}  # control-flow nodes: the outer names their subgraphs read
+        protos = list(model.graph.node)
+        if any(subgraphs(p) for p in protos):
+            if len(protos) != len(self.gs.nodes) or any(
+                    p.op_type != n.op or list(p.output) != [t.name for t in n.outputs] for p, n in
+                    zip(protos, self.gs.nodes)):
+                raise ReparamError("internal error: onnx-graphsurgeon's nodes do not match the model's; please "
+                                   "report it")
+            for p, n in zip(protos, self.gs.nodes):
+                if subgraphs(p):
+                    self.protos[id(n)] = p
+                    self.outer[id(n)] = outer_reads(p)
+        self.initializers = {i.name: i for i in model.graph.initializer}
+        self.initializers.update((s.values.name, s) for s in model.graph.sparse_initializer)
         self.graph = Graph()
         self.env: dict[str, Node] = {}
         self.known: dict[str, np.ndarray] = {}
@@ -89,6 +154,8 @@ class _Importer:
         for n in self.gs.nodes:
             for t in n.inputs:
                 self.consumers[t.name] = self.consumers.get(t.name, 0) + 1
+            for name in self.outer.get(id(n), ()):  # read by a subgraph: as real a use as any
+                self.consumers[name] = self.consumers.get(name, 0) + 1
         for t in self.gs.outputs:
             self.consumers[t.name] = self.consumers.get(t.name, 0) + 1
 
@@ -136,18 +203,30 @@ class _Importer:
         self.graph.outputs = [self.env[t.name] for t in self.gs.outputs]
         self.graph.meta["onnx_outputs"] = [t.name for t in self.gs.outputs]
         self.graph.meta["onnx_known"] = self.known
+        self.graph.meta["onnx_protos"] = self.protos
+        self.graph.meta["onnx_initializers"] = self.initializers
         return self.graph
 
     def node(self, op, n: gs.Node, k: int, data: list[gs.Tensor]) -> Node:
         out = n.outputs[k]
+        names = [t.name for t in data]
+        outer = tuple(self.outer.get(id(n), ()))
+        for name in outer:  # what the subgraphs read: inputs of the node like the explicit ones
+            if name in self.env:
+                if name not in names:
+                    names.append(name)
+            elif name not in self.initializers:
+                raise ReparamError(f"node '{n.name or out.name}' ({n.op}): a subgraph reads '{name}', which the "
+                                   f"graph does not compute before the node (the model is not topologically sorted "
+                                   f"or the name is undefined)")
         shape = self.shape(out.name)
         value = getattr(op, "value", None)
         if shape is None and isinstance(value, torch.Tensor):
             shape = tuple(value.shape)
         if shape is None and not isinstance(op, Opaque):
             shape = output_shape(op, [self.env[t.name].shape for t in data])
-        node = Node(op, [self.env[t.name] for t in data], name=n.name or out.name, shape=shape,
-                    dtype=self.dtype(out.name), origin=OnnxOrigin(n, k, [t.name for t in data], out.name))
+        node = Node(op, [self.env[name] for name in names], name=n.name or out.name, shape=shape,
+                    dtype=self.dtype(out.name), origin=OnnxOrigin(n, k, names, out.name, outer))
         self.env[out.name] = node
         return node
 
@@ -156,7 +235,7 @@ class _Importer:
         if out.name in self.known:
             return self.node(Opaque(n.op, torch.from_numpy(np.array(self.known[out.name]))), n, k, data)
         found = None
-        if n.domain in ("", "ai.onnx", None):
+        if n.domain in ("", "ai.onnx", None) and id(n) not in self.protos:
             try:
                 found = self.op(n, k)
             except (TypeError, ValueError, IndexError, KeyError, ZeroDivisionError):
@@ -173,7 +252,7 @@ class _Importer:
             if isinstance(value, gs.Constant):
                 self.known[n.outputs[0].name] = _array(value)
             return
-        if n.domain not in ("", "ai.onnx", None) or n.op in _NOT_FOLDED:
+        if n.domain not in ("", "ai.onnx", None) or n.op in _NOT_FOLDED or id(n) in self.protos:
             return
         if n.op == "Shape":
             self.fold_shape(n)

@@ -1,5 +1,6 @@
 """Float64 evaluation of an imported ONNX graph: vocabulary ops by their reference semantics, every other
-node by the ONNX reference implementation (``onnx.reference``) on float64 inputs.
+node by the ONNX reference implementation (``onnx.reference``) on float64 inputs. A control-flow node
+runs as a one-node model whose inputs are its own and the outer tensors its subgraphs read.
 
 Evaluating the IR before and after the rewrites gives the float64 end-to-end error (the rewrites' own
 exactness, free of float32 rounding); onnxruntime then checks the written file itself in float32.
@@ -7,8 +8,10 @@ exactness, free of float32 rounding); onnxruntime then checks the written file i
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 import torch
+from onnx import numpy_helper
 
 from .errors import ReparamError
 from .ir import Graph, Node
@@ -70,6 +73,12 @@ class _Evaluator:
             raise ReparamError(f"'{n.name}' ({n.op.what}) has no float64 reference")
         data = {name: self.as_numpy(self.values[i.id]) for name, i in zip(o.inputs, n.inputs)}
         key = (id(o.node), tuple(i.id for i in n.inputs))
+        proto = self.g.meta.get("onnx_protos", {}).get(id(o.node))
+        if proto is not None:
+            if key not in self.runs:
+                self.runs[key] = self.control_flow(n, o, proto, data)
+            out = np.asarray(self.runs[key][o.tensor])
+            return torch.from_numpy(out) if out.dtype.kind in "fiub" else out
         if key not in self.runs:
             feeds = {}
             for t in o.node.inputs:
@@ -94,6 +103,36 @@ class _Evaluator:
                 self.runs[key] = cache[id(o.node)].run(None, feeds)
         out = np.asarray(self.runs[key][o.index])
         return torch.from_numpy(out) if out.dtype.kind in "fiub" else out
+
+    def control_flow(self, n: Node, o: OnnxOrigin, proto: onnx.NodeProto, data) -> dict[str, np.ndarray]:
+        """A node with subgraphs, run as a model whose inputs are the node's inputs and the outer names its
+        subgraphs read (``onnx.reference`` resolves those from the enclosing scope)."""
+        from onnx import helper
+        from onnx.reference import ReferenceEvaluator
+
+        initializers = self.g.meta.get("onnx_initializers", {})
+        feeds = {}
+        for t in [t.name for t in o.node.inputs if t.name] + list(o.outer):
+            if t in feeds:
+                continue
+            c = next((x for x in o.node.inputs if x.name == t and isinstance(x, gs.Constant)), None)
+            if c is not None:
+                feeds[t] = _f64(_array(c))
+            elif t in data:
+                feeds[t] = _f64(data[t])
+            elif t in self.known:
+                feeds[t] = _f64(self.known[t])
+            elif isinstance(initializers.get(t), onnx.TensorProto):
+                feeds[t] = _f64(numpy_helper.to_array(initializers[t]))
+            else:
+                raise ReparamError(f"'{n.name}': input '{t}' is not available for the float64 check")
+        inputs = [helper.make_tensor_value_info(t, helper.np_dtype_to_tensor_dtype(v.dtype), None)
+                  for t, v in feeds.items()]
+        outputs = [helper.make_empty_tensor_value_info(t) for t in proto.output if t]
+        graph = helper.make_graph([proto], "control_flow", inputs, outputs)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)])
+        results = ReferenceEvaluator(model).run(None, feeds)
+        return dict(zip([t for t in proto.output if t], results))
 
 
 def evaluate_f64(g: Graph, feeds: dict[str, np.ndarray], opset: int) -> list[np.ndarray]:

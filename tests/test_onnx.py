@@ -487,6 +487,126 @@ def test_bad_inputs_are_clear_errors(tmp_path):
         reparam.fuse_onnx(model, input_shapes=[(1, 3, 12, 12)])
 
 
+# --- control flow: subgraphs read outer tensors by name --------------------------------------------
+_S = [1, 4, 8, 8]
+
+
+def _branch(name, op, reads, out):
+    return helper.make_graph([helper.make_node(op, reads, [out])], name, [], [_vi(out, _S)])
+
+
+def _loop_body(reads):
+    """A Loop body adding the outer tensor ``reads`` to its carried state."""
+    return helper.make_graph([helper.make_node("Identity", ["c_in"], ["c_out"]),
+                              helper.make_node("Add", ["s_in", reads], ["s_out"])], "body",
+                             [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                              helper.make_tensor_value_info("c_in", TensorProto.BOOL, []), _vi("s_in", _S)],
+                             [helper.make_tensor_value_info("c_out", TensorProto.BOOL, []), _vi("s_out", _S)])
+
+
+def _conv_bn_then(control, seed=0):
+    """x → Conv(a) → BatchNorm(y) → ``control`` (a node reading y as "s" and cond), whose subgraphs read
+    outer tensors by name; outputs z."""
+    rng = np.random.default_rng(seed)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["a"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("BatchNormalization", ["a", "g", "b", "m", "v"], ["y"], name="bn"), *control]
+    inits = [_init("w", rng.standard_normal((4, 4, 3, 3))), _init("g", rng.random(4) + .5),
+             _init("b", rng.standard_normal(4)), _init("m", rng.standard_normal(4)), _init("v", rng.random(4) + .5),
+             numpy_helper.from_array(np.array(3, np.int64), "trip")]
+    model = _model(nodes, inits, [_vi("x", _S), helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+                   [_vi("z", _S)])
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _fuse_control_flow(model):
+    """Fuse; the subgraphs are written back byte for byte and both branches agree in onnxruntime."""
+    fused, rep = reparam.fuse_onnx(model, report=True)
+    onnx.checker.check_model(fused, full_check=True)
+    kept = [n for n in model.graph.node if n.op_type in ("If", "Loop", "Scan")]
+    written = [n for n in fused.graph.node if n.op_type in ("If", "Loop", "Scan")]
+    assert [[a.SerializeToString() for a in n.attribute] for n in written] == [
+        [a.SerializeToString() for a in n.attribute] for n in kept]
+    rng = np.random.default_rng(3)
+    for cond in (True, False):
+        feeds = {"x": rng.standard_normal(_S).astype(np.float32), "cond": np.array(cond)}
+        err = relative_error(run_ort(fused, feeds), run_ort(model, feeds))
+        assert err < 1e-5, (cond, err)
+    assert rep.verification.passed and rep.verification.error_fp64 is not None  # the float64 check ran too
+    return fused, rep
+
+
+def _nested_if_in_loop(reads):
+    """A Loop whose body holds an If whose branches read the outer ``reads`` (two scopes up)."""
+    inner = helper.make_node("If", ["c_in"], ["s_out"], then_branch=helper.make_graph(
+        [helper.make_node("Add", ["s_in", reads], ["t"])], "then", [], [_vi("t", _S)]),
+        else_branch=helper.make_graph([helper.make_node("Sub", ["s_in", reads], ["e"])], "else", [], [_vi("e", _S)]))
+    body = helper.make_graph([helper.make_node("Identity", ["c_in"], ["c_out"]), inner], "body",
+                             [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                              helper.make_tensor_value_info("c_in", TensorProto.BOOL, []), _vi("s_in", _S)],
+                             [helper.make_tensor_value_info("c_out", TensorProto.BOOL, []), _vi("s_out", _S)])
+    return helper.make_node("Loop", ["trip", "cond", "y"], ["z"], body=body, name="loop")
+
+
+@pytest.mark.parametrize("control", ["if", "nested"])
+def test_subgraph_reading_a_conv_output_keeps_it(control):
+    """The branches read the conv's output a, which Conv+BN folding would absorb: it is a consumer like any
+    other, so the fold refuses, Conv and BatchNorm stay, and the If still finds a before it."""
+    if control == "if":
+        node = helper.make_node("If", ["cond"], ["z"], name="if", then_branch=_branch("then", "Relu", ["a"], "t"),
+                                else_branch=_branch("else", "Add", ["a", "y"], "e"))
+    else:
+        node = _nested_if_in_loop("a")
+    fused, rep = _fuse_control_flow(_conv_bn_then([node]))
+    assert dict(ops(fused)) == {"Conv": 1, "BatchNormalization": 1, node.op_type: 1}
+    assert "conv_bn_fold" not in rep.fired_counts()
+    order = [o for n in fused.graph.node for o in n.output]
+    assert order.index("a") < order.index("z")
+
+
+@pytest.mark.parametrize("control", ["if", "loop"])
+def test_control_flow_reading_only_the_input_lets_the_rest_fuse(control):
+    """The subgraph reads only the graph input x (and the Loop carries y explicitly): Conv+BN fold as usual."""
+    if control == "if":
+        node = helper.make_node("If", ["cond"], ["z"], name="if", then_branch=_branch("then", "Relu", ["x"], "t"),
+                                else_branch=_branch("else", "Neg", ["x"], "e"))
+        node = [node, helper.make_node("Add", ["z0", "y"], ["z"])]
+        node[0].output[0] = "z0"
+    else:
+        node = [helper.make_node("Loop", ["trip", "cond", "y"], ["z"], body=_loop_body("x"), name="loop")]
+    fused, rep = _fuse_control_flow(_conv_bn_then(node))
+    assert "BatchNormalization" not in ops(fused) and ops(fused)["Conv"] == 1
+    assert rep.fired_counts().get("conv_bn_fold") == 1
+
+
+def test_subgraph_reading_a_fused_value_reads_it_under_its_name():
+    """The branches read y (the BN output) and y2 = Identity(y): Conv+BN fold, and the new conv writes y under
+    that name (y2 through an Identity, identity_elim having bypassed the original), before the If."""
+    extra = helper.make_node("Identity", ["y"], ["y2"], name="id")
+    node = helper.make_node("If", ["cond"], ["z"], name="if", then_branch=_branch("then", "Relu", ["y"], "t"),
+                            else_branch=_branch("else", "Add", ["y", "y2"], "e"))
+    fused, rep = _fuse_control_flow(_conv_bn_then([extra, node]))
+    assert rep.fired_counts().get("conv_bn_fold") == 1
+    assert "BatchNormalization" not in ops(fused)
+    order = [o for n in fused.graph.node for o in n.output]
+    assert order.index("y") < order.index("z") and order.index("y2") < order.index("z")
+
+
+def test_new_names_avoid_names_inside_subgraphs():
+    """A name the exporter would give a new tensor is already used inside a branch: it picks another."""
+    body_names = ["conv_Conv_output", "conv.weight", "conv.bias"]
+    then = helper.make_graph([helper.make_node("Relu", ["x"], [body_names[0]]),
+                              helper.make_node("Add", [body_names[0], "x"], [body_names[1]]),
+                              helper.make_node("Neg", [body_names[1]], [body_names[2]])], "then", [],
+                             [_vi(body_names[2], _S)])
+    nodes = [helper.make_node("If", ["cond"], ["z0"], name="if", then_branch=then,
+                              else_branch=_branch("else", "Neg", ["x"], "e")),
+             helper.make_node("Relu", ["y"], ["r"], name="relu"), helper.make_node("Add", ["z0", "r"], ["z"])]
+    fused, _ = _fuse_control_flow(_conv_bn_then(nodes))
+    outer = {o for n in fused.graph.node for o in n.output} | {i.name for i in fused.graph.initializer}
+    assert not outer & set(body_names) and "BatchNormalization" not in ops(fused)
+
+
 # --- RepNeXt end to end, both exporters ----------------------------------------------------------
 @pytest.fixture(scope="module")
 def repnext_m0():
