@@ -6,6 +6,7 @@ regions (fused on their own), the rest stays as it was and is reported as opaque
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,9 +56,18 @@ def record_inputs(model: nn.Module, example_inputs: tuple) -> dict[str, tuple]:
     return seen
 
 
+def has_hooks(m: nn.Module) -> bool:
+    """The module runs forward (pre-)hooks, which a traced graph would not see: it must stay a call."""
+    return bool(m._forward_hooks or m._forward_pre_hooks)
+
+
 class _IndexedTracer(fx.Tracer):
     """torch.fx's tracer, but a parameter or buffer used in forward is found by a dict lookup instead of a
-    scan of every named parameter (quadratic in the model size when BatchNorms are traced through)."""
+    scan of every named parameter (quadratic in the model size when BatchNorms are traced through), and
+    a module with hooks stays one call (tracing through it would drop its hooks)."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return has_hooks(m) or super().is_leaf_module(m, qualname)
 
     def trace(self, root, concrete_args=None):
         self._attr_names: dict[int, tuple[torch.Tensor, str]] = {}
@@ -74,9 +84,18 @@ class _IndexedTracer(fx.Tracer):
         return super().create_arg(a)
 
 
+def structure_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` that shares its parameters and buffers but nothing else: what its forward
+    writes into the module (caches, counters) lands in the copy."""
+    memo = {id(t): t for t in [*module.parameters(), *module.buffers()]}
+    return copy.deepcopy(module, memo)
+
+
 def trace(module: nn.Module) -> fx.GraphModule:
-    """``torch.fx.symbolic_trace(module)``, with parameter and buffer references resolved in constant time."""
+    """``torch.fx.symbolic_trace`` of a structure copy of ``module`` (tracing runs its forward on proxies,
+    which it may store, e.g. in a cache), with parameter and buffer references resolved in constant time."""
     tracer = _IndexedTracer()
+    module = structure_copy(module)
     graph = tracer.trace(module)
     return fx.GraphModule(tracer.root, graph, module.__class__.__name__)
 
@@ -92,7 +111,7 @@ def capture(model: nn.Module, example_inputs: tuple | None) -> Capture:
     except Exception as err:  # any tracing failure: fall back to submodules
         out.opaque[""] = _first_line(err)
     try:
-        recorded = record_inputs(model, example_inputs) if example_inputs is not None else {}
+        recorded = record_inputs(structure_copy(model), example_inputs) if example_inputs is not None else {}
     except Exception as err:
         raise CaptureError(f"the model does not run on the example inputs: {_first_line(err)}") from err
     _capture_children(model, "", recorded, out)

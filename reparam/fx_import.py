@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import aten_ops, kernels
+from .capture import has_hooks
 from .ir import Graph, Node
 from .ops import (Affine, AvgPool, Cat, Conv, Flatten, Identity, Input, Linear, Mean, Opaque, Pad, Slice, Sum, f64)
 from .shapes import same_forward
@@ -181,6 +182,9 @@ class _Importer:
         m = self.modules[n.target]
         x = n.args[0] if n.args else None
         if len(n.args) != 1 or n.kwargs or not isinstance(x, fx.Node):
+            return None
+        if has_hooks(m):
+            self.notes.append(f"'{n.target}': the module has forward hooks, which fusing would drop; left as is")
             return None
         for base in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
             if same_forward(m, base):

@@ -9,7 +9,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .capture import trace
+from .capture import has_hooks, trace
 
 _CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _CONV_FUNCS = {F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d}
@@ -46,7 +46,9 @@ def count_model(model: nn.Module) -> Counts:
     for n in gm.graph.nodes:
         if n.op not in ("call_module", "call_function", "call_method"):
             continue
-        if n.op == "call_module" and isinstance(modules[n.target], fx.GraphModule):
+        inner_graph = n.op == "call_module" and (isinstance(modules[n.target], fx.GraphModule) or (
+            has_hooks(modules[n.target]) and any(True for _ in modules[n.target].children())))
+        if inner_graph:  # a fused region, or a hooked block kept as one call: count what it calls
             inner = count_model(modules[n.target])
             for k in ("ops", "convs", "bns", "linears"):
                 c[k] += getattr(inner, k) or 0
