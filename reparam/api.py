@@ -18,6 +18,7 @@ from .errors import CaptureError, ReparamError, VerificationError
 from .fx_export import export_fx
 from .fx_import import import_fx
 from .fx_prune import prune_unused
+from .import_check import misread_nodes
 from .ir import Graph
 from .registry import select_rules
 from .report import Report, Verification, count_model
@@ -59,29 +60,70 @@ def _rewrite_eval(work: nn.Module, inputs, rules, check, stop_after, report: Rep
     if cap.opaque.get("") and cap.regions:
         report.notes.append(f"the model's forward could not be traced as a whole ({cap.opaque['']}); "
                             f"{len(cap.regions)} traceable submodule(s) were fused separately")
-    whole = None
-    result = work if any(not r.path for r in cap.regions) else copy.deepcopy(work)  # never the input itself
     rewritten: list[tuple[str, Rewritten]] = []
     budget = stop_after
     for region in cap.regions:
         done = rewrite_graph_module(region.gm, rules, check, budget, report, region.path)
+        if not region.path:
+            return done.fused, done.float64_twin
         rewritten.append((region.path, done))
-        if region.path:
-            set_submodule(result, region.path, done.fused)
-        else:
-            whole = done
         if budget is not None:
             budget = max(budget - done.count, 0)
-    if whole is not None:
-        return whole.fused, whole.float64_twin
+    result, kept = _assemble(work, rewritten, inputs, report)
 
     def twin() -> nn.Module:
         out = copy.deepcopy(result)
-        for path, done in rewritten:
-            set_submodule(out, path, done.float64_twin())
+        for path, done in kept:
+            region64 = done.float64_twin()
+            carry_attributes(out.get_submodule(path), region64)
+            set_submodule(out, path, region64)
         return out
 
     return result, twin
+
+
+def _assemble(work: nn.Module, rewritten: list, inputs, report: Report):
+    """A copy of ``work`` with its fused regions in place (each keeping the plain attributes of the module
+    it replaces, which the surrounding code may read). A region the rest of the model cannot run with
+    (it uses something a graph does not have, e.g. a method) is put back as it was, and the report says
+    so. Returns the model and the regions kept."""
+    result = copy.deepcopy(work)  # never the input itself
+    originals = {path: result.get_submodule(path) for path, _ in rewritten}
+    for path, done in rewritten:
+        carry_attributes(originals[path], done.fused)
+        set_submodule(result, path, done.fused)
+    if inputs is None or _runs(result, inputs):
+        return result, rewritten
+    kept = []
+    for path, done in rewritten:  # one region at a time, on top of those that worked
+        set_submodule(result, path, originals[path])
+    for path, done in rewritten:
+        set_submodule(result, path, done.fused)
+        if _runs(result, inputs):
+            kept.append((path, done))
+        else:
+            set_submodule(result, path, originals[path])
+            report.notes.append(f"'{path}': kept as it was; the model around it does not run with its fused "
+                                f"graph in place (it uses more of the module than its forward)")
+    return result, kept
+
+
+def _runs(model: nn.Module, inputs) -> bool:
+    try:
+        verify_mod.run(model, inputs)
+        return True
+    except Exception:
+        return False
+
+
+def carry_attributes(original: nn.Module, fused: nn.Module) -> None:
+    """Give ``fused`` the public plain attributes of ``original`` it lacks (configuration values such as a
+    window size that the code around a region may read), kept across copies of the GraphModule."""
+    kept = fused.meta.setdefault("_user_preserved_attributes", {})  # what GraphModule.__deepcopy__ restores
+    for name, value in vars(original).items():
+        if not name.startswith("_") and name != "training" and not hasattr(fused, name):
+            setattr(fused, name, value)
+            kept[name] = value
 
 
 @dataclass
@@ -133,8 +175,11 @@ def fuse(model: nn.Module, example_inputs=None, *, rules: Sequence[Rule] | None 
     started = time.perf_counter()
     rep = Report()
     chosen = select_rules(None if rules is None else list(rules), extra_rules, disable, only)
-    if model.training:
-        rep.notes.append("the model was in training mode; it was fused in eval mode (BatchNorm uses running "
+    training = [name or "the model" for name, m in model.named_modules() if m.training]
+    if training:
+        who = "the model was" if model.training else \
+            f"submodule(s) {', '.join(training[:3])}{' …' if len(training) > 3 else ''} were"
+        rep.notes.append(f"{who} in training mode; it was fused in eval mode (BatchNorm uses running "
                          "statistics, dropout is off)")
     inputs = _as_tuple(example_inputs)
     if inputs is None:
@@ -154,11 +199,12 @@ def fuse(model: nn.Module, example_inputs=None, *, rules: Sequence[Rule] | None 
             rep.verification = _verify(model, fused, twin(), inputs, tolerance)
         rep.seconds["verify"] = time.perf_counter() - t0
         if not rep.verification.passed:
-            culprit = _find_culprit(model, inputs, chosen, check, tolerance, len(rep.rules_fired), rep)
-            raise VerificationError(
-                f"the fused model differs from the original (relative error {rep.verification.error_fp64:.3g} "
-                f"in float64 > {tolerance:g}); first wrong rewrite: {culprit}. Disable that rule and report it.",
-                rewrite=culprit, error=rep.verification.error_fp64)
+            def right_after(k: int) -> bool:
+                partial, partial_twin = _rewrite(model, inputs, chosen, check, k, Report())
+                with eval_mode(model):
+                    return _verify(model, partial, partial_twin(), inputs, tolerance).passed
+
+            raise mismatch("model", rep, tolerance, right_after, lambda: _misread(model, inputs))
     elif not verify:
         rep.verification.skipped = "disabled by the caller"
     elif inputs is None:
@@ -183,14 +229,33 @@ def _verify(original: nn.Module, fused: nn.Module, fused64: nn.Module, inputs: t
                         passed=err64 <= tolerance)
 
 
-def _find_culprit(model, inputs, rules, check, tolerance, total: int, rep: Report) -> str:
-    """Bisect the rewrite sequence for the first rewrite after which the model stops matching."""
-    def right_after(k: int) -> bool:
-        partial, twin = _rewrite(model, inputs, rules, check, k, Report())
-        with eval_mode(model):
-            return _verify(model, partial, twin(), inputs, tolerance).passed
+def mismatch(subject: str, rep: Report, tolerance: float, right_after, misread=None) -> VerificationError:
+    """The error for a failed verification, naming what went wrong: operations the capture read wrongly
+    (``misread()`` lists them), else the first rewrite after which the model stops matching
+    (``right_after(k)``: it matches after k rewrites), else the capture itself."""
+    error = rep.verification.error_fp64
+    head = f"the fused {subject} differs from the original (relative error {error:.3g} in float64 > {tolerance:g})"
+    names = misread() if misread is not None else []
+    if names:
+        more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+        return VerificationError(f"{head}; the capture read {', '.join(repr(n) for n in names[:3])}{more} wrongly "
+                                 f"(a bug in reparam's import of that operation; please report it)",
+                                 rewrite=None, error=error)
+    total = len(rep.rules_fired)
+    if total == 0 or not right_after(0):
+        return VerificationError(f"{head}; it differs already as captured, before any rewrite: an operation was "
+                                 f"read wrongly (a bug in reparam's capture of this model; please report it)",
+                                 rewrite=None, error=error)
+    culprit = bisect_culprit(right_after, total, rep)
+    return VerificationError(f"{head}; first wrong rewrite: {culprit}. Disable that rule and report it.",
+                             rewrite=culprit, error=error)
 
-    return bisect_culprit(right_after, total, rep)
+
+def _misread(model: nn.Module, inputs) -> list[str]:
+    """The operations of ``model`` that the capture reads wrongly (see import_check)."""
+    with eval_mode(model):
+        cap = capture(model, inputs)
+    return [f"{r.path}.{name}" if r.path else name for r in cap.regions for name in misread_nodes(r.gm)]
 
 
 def bisect_culprit(right_after, total: int, rep: Report) -> str:

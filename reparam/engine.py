@@ -19,7 +19,7 @@ from .ops import (Affine, AvgPool, Cat, Conv, Identity, Input, Opaque, Pad, Slic
 from .rule import Refusal, Rule
 
 LOCAL_RTOL = 1e-9
-_SHRINKABLE = (Conv, Affine, Sum, Pad, AvgPool, Identity)
+_SHRINKABLE = (Conv, Sum, Pad, AvgPool, Identity)
 
 
 @dataclass
@@ -28,6 +28,7 @@ class Event:
     rule: str
     where: str
     detail: str = ""
+    node: Node | None = field(default=None, repr=False, compare=False)  # a refusal's match root
 
 
 @dataclass
@@ -38,19 +39,25 @@ class RewriteLog:
     def fired(self, rule: Rule, where: str, detail: str):
         self.events.append(Event("fired", rule.name, where, detail))
 
-    def refused(self, rule: Rule, where: str, reason: str):
-        key = (rule.name, where, reason)
+    def refused(self, rule: Rule, node: Node, reason: str):
+        key = (rule.name, node.id, reason)
         if key not in self._seen_refusals:
             self._seen_refusals.add(key)
-            self.events.append(Event("refused", rule.name, where, reason))
+            self.events.append(Event("refused", rule.name, node.name, reason, node))
 
     def fired_events(self):
         return [e for e in self.events if e.kind == "fired"]
 
     def refusals(self):
-        """Refusals of matches that never fired later at the same place."""
-        fired = {(e.rule, e.where) for e in self.fired_events()}
-        return [e for e in self.events if e.kind == "refused" and (e.rule, e.where) not in fired]
+        """Refusals at nodes still in the graph: a node rewritten later was revisited (a refusal that still
+        holds was logged again at its replacement), so what was refused there is moot. One per place."""
+        seen, out = set(), []
+        for e in self.events:
+            key = (e.rule, e.where, e.detail)
+            if e.kind == "refused" and (e.node is None or e.node.graph is not None) and key not in seen:
+                seen.add(key)
+                out.append(e)
+        return out
 
 
 def common_prefix(names: list[str]) -> str:
@@ -87,14 +94,22 @@ def _expr_ops(e: Expr) -> list:
     return out
 
 
+def _shrinkable(op) -> bool:
+    """The op works the same on any spatial size (an affine or cat/slice not along a spatial axis)."""
+    if isinstance(op, Affine):
+        return op.axis is None or op.is_scalar or op.axis < 2
+    if isinstance(op, (Cat, Slice)):
+        return op.dim == 1
+    return isinstance(op, _SHRINKABLE)
+
+
 def _check_shapes(leaves: list[Node], ops: list) -> list[tuple[int, ...]] | None:
     """Input shapes for the local check: batch 1; spatial axes shrunk when every op allows it."""
     if any(n.shape is None for n in leaves):
         return None
     shapes = [(1, *n.shape[1:]) for n in leaves]
     spatial = {s[2:] for s in shapes}
-    if len(spatial) == 1 and all(isinstance(op, _SHRINKABLE) or (isinstance(op, (Cat, Slice)) and op.dim == 1)
-                                 for op in ops):
+    if len(spatial) == 1 and all(_shrinkable(op) for op in ops):
         # per window: its extent plus two strides less one (both borders, an interior position, every phase)
         reach = [max(op.extent) + 2 * max(op.stride) - 1 for op in ops if isinstance(op, Conv) and op.nd]
         reach += [max(op.kernel_size) + 2 * max(op.stride) - 1 for op in ops if isinstance(op, AvgPool)]
@@ -239,6 +254,8 @@ class Engine:
         queue = collections.deque(order)
         queued = {n.id for n in order}
         while queue:
+            if self.stop_after is not None and self.count >= self.stop_after:
+                break
             node = queue.popleft()
             queued.discard(node.id)
             if node.graph is not graph:
@@ -246,8 +263,6 @@ class Engine:
             touched = self._visit(graph, node)
             if touched is None:
                 continue
-            if self.stop_after is not None and self.count >= self.stop_after:
-                break
             recent.append(self.log.events[-1].rule)
             if self.count > limit:
                 counts = collections.Counter(recent).most_common()
@@ -276,7 +291,7 @@ class Engine:
                 self._check_consumers(graph, node, absorbed)
                 check = prepare_check(rule, node, expr, absorbed, seed=self.count) if self.check else None
             except Refusal as r:
-                self.log.refused(rule, node.name, str(r))
+                self.log.refused(rule, node, str(r))
                 continue
             if check is not None:
                 self._checks.submit(check)

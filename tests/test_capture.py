@@ -167,3 +167,121 @@ def test_arithmetic_operand_order_and_alpha_are_read_exactly():
     fused = reparam.fuse(model, x, verify=False)
     assert count_model(fused).convs == 1
     torch.testing.assert_close(fused(x), model(x), rtol=1e-12, atol=1e-12)
+
+
+def test_modules_with_hooks_are_kept_with_their_hooks():
+    """A hook changes what a module computes; the graph must keep calling it (verification off)."""
+    block = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4))
+    model = randomize(nn.Sequential(block, nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1),
+                                    nn.BatchNorm2d(4))).double().eval()
+    block.register_forward_hook(lambda m, args, out: out * 2)  # a non-leaf module: traced through otherwise
+    model[2].register_forward_pre_hook(lambda m, args: (args[0] + 1,))
+    x = torch.randn(1, 3, 6, 6, dtype=torch.float64)
+    fused, rep = reparam.fuse(model, x, verify=False, report=True)
+    torch.testing.assert_close(fused(x), model(x), rtol=1e-12, atol=1e-12)
+    assert any("hooks" in n and "'2'" in n for n in rep.notes)
+    assert rep.after.bns == 2  # the hooked BN stays, and the one inside the hooked block
+
+
+def test_a_submodule_left_in_training_mode_is_reported():
+    model = randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))).eval()
+    model[1].train()
+    fused, rep = reparam.fuse(model, torch.randn(1, 3, 8, 8), report=True)
+    assert any("submodule(s) 1 were in training mode" in n for n in rep.notes), rep.notes
+    assert model[1].training and not model.training  # each module's own flag is restored
+
+
+class Caching(nn.Module):
+    """Writes into itself during forward (as attention-bias caches do): tracing must not leave proxies there."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+        self.cache = {}
+
+    def forward(self, x):
+        self.cache["last"] = x.shape
+        self.calls = getattr(self, "calls", 0) + 1
+        return self.bn(self.conv(x))
+
+
+def test_tracing_leaves_the_model_as_it_was():
+    model = randomize(Caching()).eval()
+    fused, rep = reparam.fuse(model, torch.randn(1, 3, 8, 8), report=True)
+    assert model.cache == {} and not hasattr(model, "calls") and rep.after.bns == 0
+
+
+class Mixer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.window = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), 4
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+    def gate(self, x):
+        return torch.sigmoid(x.mean())
+
+
+class ReadsItsChildren(nn.Module):
+    """Not traceable as a whole (data-dependent branch); reads an attribute of one child and calls a method
+    of another, which a fused GraphModule in their place must still allow."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = Mixer(), Mixer()
+
+    def forward(self, x):
+        if x.shape[-1] > self.a.window and x.sum() > -1e9:
+            x = x + self.a(x)
+        return self.b.gate(x) * self.b(x)
+
+
+def test_regions_keep_what_the_code_around_them_reads():
+    model = randomize(ReadsItsChildren()).eval()
+    x = torch.randn(1, 4, 8, 8)
+    fused, rep = reparam.fuse(model, x, report=True)
+    assert rep.verification.passed
+    assert fused.a.window == 4 and copy.deepcopy(fused).a.window == 4  # kept across copies too
+    assert isinstance(fused.a, torch.fx.GraphModule) and count_model(fused.a).bns == 0
+    assert isinstance(fused.b, Mixer) and any("'b': kept as it was" in n for n in rep.notes)
+
+
+def test_an_affine_along_a_spatial_axis_is_checked_at_its_own_size():
+    """A per-column scale is only defined at its width: the local check must not shrink that axis."""
+    class ColumnScale(nn.Module):
+        def __init__(self, w=7):
+            super().__init__()
+            self.register_buffer("col", torch.rand(w) + 0.5)
+
+        def forward(self, x):
+            return torch.relu(x) * self.col * 2.0
+
+    model = ColumnScale().eval()
+    fused, rep = reparam.fuse(model, torch.randn(1, 4, 7, 7), report=True)
+    assert rep.fired_counts().get("affine_merge") == 1 and rep.verification.passed
+
+
+def test_a_misread_operation_is_blamed_on_the_capture_not_on_a_rule(monkeypatch):
+    """When the graph is already wrong before any rewrite, no rule is named (bisecting would blame the first
+    rewrite that touches the misread node)."""
+    from reparam import fx_import
+
+    real = fx_import._bn_affine
+    monkeypatch.setattr(fx_import, "_bn_affine", lambda *a: real(*a).with_(shift=None))
+    model = randomize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))).eval()
+    with pytest.raises(reparam.VerificationError, match="the capture read .1. wrongly") as info:
+        reparam.fuse(model, torch.randn(1, 3, 8, 8))
+    assert info.value.rewrite is None
+
+
+def test_a_correct_capture_has_no_misread_nodes():
+    from examples.repnext.model import repnext_m0
+    from reparam.capture import capture
+    from reparam.import_check import misread_nodes
+
+    for model, x in [(randomize(repnext_m0(num_classes=10)).eval(), torch.randn(1, 3, 64, 64)),
+                     (FunctionalBlock().eval(), torch.randn(1, 6, 9, 9))]:
+        (region,) = capture(model, (x,)).regions
+        assert misread_nodes(region.gm) == []

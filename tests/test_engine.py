@@ -88,3 +88,21 @@ def test_a_failed_local_check_wins_over_a_later_error():
     """Checks run beside the rewriting; when a later step fails, the earlier wrong rewrite is what is reported."""
     with pytest.raises(reparam.RewriteMismatch, match="wrong_then_fine"):
         reparam.fuse(_model(), torch.randn(1, 3, 8, 8), rules=[wrong_then_fine, crashing])
+
+
+def test_a_refusal_that_a_later_rewrite_made_moot_is_not_reported():
+    """BN → two heads: folding the BN into one head is refused while the other reads it too; once the heads
+    are one Linear, the fold happens, and the earlier refusal is no longer true of the graph."""
+    class Heads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn, self.h1, self.h2 = nn.BatchNorm1d(8), nn.Linear(8, 3), nn.Linear(8, 3)
+
+        def forward(self, x):
+            y = self.bn(x)
+            return (self.h1(y) + self.h2(y)) / 2
+
+    model = randomize_bn(Heads()).eval()
+    fused, rep = reparam.fuse(model, torch.randn(2, 8), report=True)
+    assert rep.after.bns == 0 and rep.after.linears == 1
+    assert rep.fired_counts().get("bn_prefold") == 1 and rep.refusals == []
