@@ -41,8 +41,11 @@ def load_pt2(path: str | os.PathLike) -> torch.export.ExportedProgram:
     path = Path(path)
     if not path.is_file():
         raise ReparamError(f"no such file: {path}")
+    from .loading import quiet_torch
+
     try:
-        return torch.export.load(str(path))
+        with quiet_torch():  # on a bad file torch logs a traceback before it raises
+            return torch.export.load(str(path))
     except Exception as err:
         raise ReparamError(f"'{path}' is not a loadable torch.export program (.pt2): "
                            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err

@@ -2,11 +2,13 @@
 
 Four kinds of input:
 
-- ``pkg.module:factory`` — an import path to a function (or class) returning an ``nn.Module``, optionally
-  with a weights file read by ``torch.load(weights_only=True)`` (a state_dict, or a checkpoint dict holding
-  one under 'state_dict' / 'model' / 'model_state_dict');
+- ``pkg.module:factory`` — an import path to a function (or class) returning an ``nn.Module`` (put in eval
+  mode: a freshly built model is in training mode by construction), optionally with a weights file read by
+  ``torch.load(weights_only=True)`` (a state_dict, or a checkpoint dict holding one under 'state_dict' /
+  'model' / 'model_state_dict');
 - a pickled module (``torch.save(model)``: .pt, .pth, .pkl, .ckpt, .bin, .tar) — unpickling runs code from
-  the file, so it is loaded only when the caller trusts it;
+  the file, so it is loaded only when the caller trusts it (a TorchScript archive is refused: it has no
+  Python module structure to fuse);
 - a ``torch.export`` program (``.pt2``), which loads without running code;
 - an ONNX model (``.onnx``).
 
@@ -14,14 +16,18 @@ Every failure raises :class:`~reparam.errors.ReparamError` with one line saying 
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
+import logging
 import os
 import pickle
 import re
 import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
@@ -44,8 +50,28 @@ class Loaded:
 
 
 def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip().splitlines()  # torch colours some messages
     return f"{type(err).__name__}: {text[0][:300]}" if text else type(err).__name__
+
+
+@contextlib.contextmanager
+def quiet_torch() -> Iterator[None]:
+    """Hide torch's log records and its direct prints to stderr for the block (torch.export logs a traceback
+    or prints a partial graph before it raises); the caller turns the failure into one line."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        logging.disable(previous)
+
+
+def _cwd_on_path() -> None:
+    """Put the working directory on sys.path, as ``python -m`` would (a console script does not)."""
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
 
 
 def is_factory_spec(spec: str) -> bool:
@@ -70,6 +96,9 @@ def input_kind(spec: str) -> str:
 def load_model(spec: str, *, trust: bool = False, weights: str | os.PathLike | None = None) -> Loaded:
     """Load what ``spec`` names (see the module docstring); ``weights`` go into a PyTorch module."""
     kind = input_kind(spec)
+    if weights is not None and kind in ("exported", "onnx"):
+        what = "a torch.export program (.pt2)" if kind == "exported" else "an ONNX model"
+        raise ReparamError(f"--weights applies to PyTorch modules; {what} carries its own weights")
     if kind == "factory":
         loaded = Loaded("module", _from_factory(spec), spec)
     else:
@@ -87,18 +116,13 @@ def load_model(spec: str, *, trust: bool = False, weights: str | os.PathLike | N
         else:
             loaded = Loaded("onnx", _load_onnx(path), spec, path)
     if weights is not None:
-        if loaded.kind != "module":
-            raise ReparamError(f"--weights applies to PyTorch modules; a {loaded.kind} program carries its own "
-                               f"weights")
         load_weights(loaded.obj, weights)
     return loaded
 
 
 def _from_factory(spec: str) -> nn.Module:
     module_name, _, attr = spec.partition(":")
-    cwd = os.getcwd()
-    if cwd not in sys.path and "" not in sys.path:
-        sys.path.insert(0, cwd)
+    _cwd_on_path()
     try:
         target: Any = importlib.import_module(module_name)
     except Exception as err:
@@ -116,10 +140,37 @@ def _from_factory(spec: str) -> nn.Module:
         raise ReparamError(f"calling '{spec}()' failed: {_first_line(err)}") from err
     if not isinstance(model, nn.Module):
         raise ReparamError(f"'{spec}()' returned a {type(model).__name__}, not a torch.nn.Module")
-    return model
+    return model.eval()
+
+
+def _file_kind(path: Path) -> str | None:
+    """'torchscript' (torch.jit.save), 'torch' (torch.save: a zip holding data.pkl, or a legacy pickle) or None,
+    from the file's structure alone: nothing is unpickled."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(1) == b"\x80":  # the opcode a pickle starts with: torch.save's legacy format
+                return "torch"
+        with zipfile.ZipFile(path) as archive:
+            names = {name.split("/", 1)[-1] for name in archive.namelist()}
+    except zipfile.BadZipFile:
+        return None
+    except OSError as err:
+        raise ReparamError(f"cannot read '{path}': {err.strerror or err}") from err
+    return "torchscript" if "constants.pkl" in names else "torch" if "data.pkl" in names else None
+
+
+_NOT_TORCH = ("is not a readable PyTorch checkpoint: neither a torch.save archive nor a pickle (damaged, or "
+              "another format)")
 
 
 def _unpickle_module(path: Path, trust: bool) -> nn.Module:
+    kind = _file_kind(path)
+    if kind == "torchscript":
+        raise ReparamError(f"'{path}' is a TorchScript model (torch.jit): TorchScript models cannot be fused, they "
+                           f"have no Python module structure; pass the original module (torch.save(model)) or "
+                           f"its factory with weights: pkg.module:factory --weights FILE")
+    if kind is None:
+        raise ReparamError(f"'{path}' {_NOT_TORCH}")
     if not trust:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -132,6 +183,7 @@ def _unpickle_module(path: Path, trust: bool) -> nn.Module:
         except Exception as err:
             raise ReparamError(f"'{path}' could not be read as a PyTorch file: {_first_line(err)}") from err
     else:
+        _cwd_on_path()  # the model's classes are imported by name, usually from the project directory
         try:
             obj = torch.load(path, map_location="cpu", weights_only=False)
         except (ModuleNotFoundError, AttributeError) as err:
@@ -167,8 +219,18 @@ def load_weights(model: nn.Module, weights: str | os.PathLike) -> None:
     path = Path(weights)
     if not path.is_file():
         raise ReparamError(f"no such weights file: {path}")
+    kind = _file_kind(path)
+    if kind == "torchscript":
+        raise ReparamError(f"weights file '{path}' is a TorchScript model (torch.jit), not weights: give a "
+                           f"state_dict saved with torch.save(model.state_dict(), FILE)")
+    if kind is None:
+        raise ReparamError(f"weights file '{path}' {_NOT_TORCH}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ReparamError(f"weights file '{path}' holds more than tensors (a pickled model?), so it cannot be "
+                           f"loaded safely; save model.state_dict() instead, or pass the model itself as IN "
+                           f"with --trust") from err
     except Exception as err:
         raise ReparamError(f"weights file '{path}' could not be loaded safely (weights_only=True): "
                            f"{_first_line(err)}") from err
