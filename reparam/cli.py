@@ -1,14 +1,15 @@
 """The ``reparam`` command line: fuse, inspect, bench, rules.
 
 Exit codes: 0 success; 2 bad usage or input (missing file, unknown format, a model that fails to load, a
-shape that does not fit, output = input, unknown rule); 3 the fused model failed verification (end to end
-or a rewrite's local check, or rules that never settle); 1 an unexpected internal error (``--debug`` shows
-the traceback). On any failure nothing is written.
+shape that does not fit, an output that would overwrite an input, unknown rule); 3 the fused model failed
+verification (end to end or a rewrite's local check, or rules that never settle); 1 an unexpected internal
+error (``--debug`` shows the traceback); 130 / 143 interrupted (Ctrl-C) / terminated (SIGTERM). Every error
+is one ``reparam: error:`` line on stderr, usage errors included. On any failure nothing is written.
 """
 from __future__ import annotations
 
-import json
 import os
+import signal
 import statistics
 import sys
 import time
@@ -19,6 +20,7 @@ from typing import Any, Callable, List, Optional
 import torch
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 from typing_extensions import Annotated
 
 from . import __version__
@@ -26,20 +28,52 @@ from .catalogue import rule_catalogue
 from .cli_render import (Steps, error_text, fired_table, fired_text, latency_table, refusals_table,
                          summary_table)
 from .errors import CaptureError, FixpointError, ReparamError, RewriteMismatch, VerificationError
-from .loading import Loaded, input_kind, load_model
-from .registry import builtin_rules, load_rule_file, select_rules
+from .loading import PICKLE_SUFFIXES, Loaded, input_kind, load_model
+from .registry import load_rule_file, select_rules
 from .report import Report
-from .saving import output_format, save_model, write_json
+from .saving import atomic_paths, check_writable, json_text, output_format, write_model
 
-EXIT_OK, EXIT_INTERNAL, EXIT_INPUT, EXIT_VERIFY = 0, 1, 2, 3
+try:  # typer ≥ 0.26 vendors click; before, it used the click package
+    from typer._click.exceptions import ClickException, UsageError
+except ImportError:  # pragma: no cover
+    from click.exceptions import ClickException, UsageError
 
-app = typer.Typer(name="reparam", add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+EXIT_OK, EXIT_INTERNAL, EXIT_INPUT, EXIT_VERIFY, EXIT_TERMINATED = 0, 1, 2, 3, 143
+
+
+class _OneLineErrors(TyperGroup):
+    """Usage errors (a missing option, an unknown command) as one ``reparam: error:`` line like every other
+    error, instead of click's framed box."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except UsageError as err:
+            code = err.exit_code
+            if type(err).__name__ != "NoArgsIsHelpError":  # a bare `reparam`: the help is printed already
+                where = err.ctx.command_path if err.ctx else "reparam"
+                print(f"reparam: error: {' '.join(err.format_message().split())} (see {where} --help)",
+                      file=sys.stderr)
+        except ClickException as err:
+            code = err.exit_code
+            print(f"reparam: error: {' '.join(err.format_message().split())}", file=sys.stderr)
+        except typer.Abort:
+            code = EXIT_INTERNAL
+            print("reparam: error: aborted", file=sys.stderr)
+        sys.exit(code or EXIT_OK)
+
+
+app = typer.Typer(name="reparam", cls=_OneLineErrors, add_completion=False, no_args_is_help=True,
+                  pretty_exceptions_enable=False,
                   help="Fuse multi-branch training-time models into single-branch deploy models, verified in "
                        "float64. Exit codes: 0 ok, 2 usage/input error, 3 verification failure, 1 internal error.")
 
 ModelArg = Annotated[str, typer.Argument(metavar="IN", show_default=False,
-                                         help="Model: FILE.pt/.pth (torch.save, needs --trust), FILE.pt2 "
-                                              "(torch.export), FILE.onnx, or pkg.module:factory.")]
+                                         help=f"Model: FILE{'/'.join(PICKLE_SUFFIXES)} (torch.save, needs "
+                                              f"--trust), FILE.pt2 (torch.export), FILE.onnx, or "
+                                              f"pkg.module:factory.")]
 InputShapeOpt = Annotated[Optional[List[str]], typer.Option(
     "--input-shape", "-s", metavar="SHAPE", show_default=False,
     help="Input shape such as 1,3,224,224; repeat for several inputs. Default: guessed from the first layer.")]
@@ -51,7 +85,7 @@ DisableOpt = Annotated[Optional[List[str]], typer.Option(
 OnlyOpt = Annotated[Optional[List[str]], typer.Option(
     "--only", metavar="RULE", show_default=False, help="Use only this rule; repeatable.")]
 TrustOpt = Annotated[bool, typer.Option(
-    "--trust", help="Allow unpickling a full model (.pt/.pth): this runs code from the file.")]
+    "--trust", help=f"Allow unpickling a full model ({'/'.join(PICKLE_SUFFIXES)}): this runs code from the file.")]
 WeightsOpt = Annotated[Optional[Path], typer.Option(
     "--weights", "-w", metavar="FILE", show_default=False,
     help="Weights for the model (state_dict, or a checkpoint with 'state_dict'/'model'), loaded with "
@@ -82,23 +116,36 @@ def _fail(message: str, code: int) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _guarded(debug: bool, body: Callable[[], int | None]) -> None:
+class _Terminated(BaseException):
+    """SIGTERM, raised where the program is so that every cleanup runs (no temporary file is left)."""
+
+
+def _terminate(signum, frame):
+    raise _Terminated()
+
+
+def _guarded(debug: bool, body: Callable[[], int | None], shape_hint: bool = False) -> None:
     """Run ``body``; known errors become one line on stderr and an exit code, unexpected ones too (or a
-    traceback with ``--debug``)."""
+    traceback with ``--debug``). ``shape_hint``: no input shape was given, so a capture error suggests one."""
     if not debug:
         warnings.simplefilter("ignore")
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         code = body()
     except (typer.Exit, typer.Abort):
         raise
-    except (VerificationError, RewriteMismatch, FixpointError) as err:
+    except (VerificationError, RewriteMismatch) as err:
         raise _fail(f"verification failed: {err}", EXIT_VERIFY)
+    except FixpointError as err:
+        raise _fail(f"the rules did not settle: {err}", EXIT_VERIFY)
     except CaptureError as err:
-        raise _fail(f"{err} (set the input shape with --input-shape)", EXIT_INPUT)
+        raise _fail(f"{err}{' (set the input shape with --input-shape)' if shape_hint else ''}", EXIT_INPUT)
     except ReparamError as err:
         raise _fail(str(err), EXIT_INPUT)
     except KeyboardInterrupt:
         raise _fail("interrupted; nothing was written", 130)
+    except _Terminated:
+        raise _fail("terminated; nothing was written", EXIT_TERMINATED)
     except BrokenPipeError:  # stdout closed early (`reparam rules | head`): stop quietly, like other tools
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise typer.Exit(141)
@@ -108,6 +155,8 @@ def _guarded(debug: bool, body: Callable[[], int | None]) -> None:
         first = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
         raise _fail(f"unexpected {type(err).__name__}: {first} (a bug in reparam or the model; rerun with --debug "
                     f"for the traceback)", EXIT_INTERNAL)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     raise typer.Exit(code or EXIT_OK)
 
 
@@ -165,7 +214,11 @@ def _fuse(loaded: Loaded, inputs: tuple | None, shapes: list, rules, verify: boo
     """Dispatch on the input kind; returns (fused object, Report). ``tolerance`` None: the backend's default."""
     fallback = "capturing, rewriting and verifying" if verify else "capturing and rewriting"
     with steps.phases(fallback, _PHASES) as enter:
-        return _fuse_with(loaded, inputs, shapes, rules, verify, tolerance, enter)
+        fused, rep = _fuse_with(loaded, inputs, shapes, rules, verify, tolerance, enter)
+    if loaded.kind == "module" and not shapes and inputs is not None:
+        guessed = ", ".join(",".join(map(str, t.shape)) for t in inputs)
+        rep.notes.append(f"no --input-shape given: guessed the input shape {guessed} from the first layer")
+    return fused, rep
 
 
 def _fuse_with(loaded: Loaded, inputs, shapes, rules, verify, tolerance, enter):
@@ -199,8 +252,24 @@ def _same_file(a: Path, b: Path) -> bool:
     return a.resolve() == b.resolve()
 
 
+def _check_outputs(model: str, output: Path, report: Path | None, weights: Path | None,
+                   rule_files: list[Path] | None) -> None:
+    """Before any work: OUT and the report can be written, and overwrite neither an input nor each other."""
+    inputs = [(Path(model), "the input file")] if input_kind(model) != "factory" else []
+    inputs += [(weights, "the --weights file")] if weights is not None else []
+    inputs += [(f, "a --rules file") for f in rule_files or []]
+    targets = [("output", output)] + ([("report", report)] if report is not None else [])
+    for what, path in targets:
+        for source, label in inputs:
+            if _same_file(source, path):
+                raise ReparamError(f"the {what} '{path}' is {label}; choose another {what} path")
+        check_writable(path, what)
+    if report is not None and _same_file(output, report):
+        raise ReparamError(f"the report '{report}' is the output file; choose another report path")
+
+
 def _json_out(data: Any) -> None:
-    print(json.dumps(data, indent=2, default=str))
+    print(json_text(data), end="")
 
 
 def _load(model: str, trust: bool, weights: Path | None, steps: Steps) -> Loaded:
@@ -214,9 +283,9 @@ def _load(model: str, trust: bool, weights: Path | None, steps: Steps) -> Loaded
 @app.command()
 def fuse(model: ModelArg,
          output: Annotated[Path, typer.Option("--output", "-o", metavar="OUT", show_default=False,
-                                              help="Where to write the fused model: .pt (torch.save; load with "
-                                                   "torch.load(OUT, weights_only=False)), .pt2 (torch.export) "
-                                                   "or .onnx.")],
+                                              help="Where to write the fused model: .pt/.pth (torch.save; load "
+                                                   "with torch.load(OUT, weights_only=False)), .pt2 "
+                                                   "(torch.export) or .onnx.")],
          input_shape: InputShapeOpt = None,
          tolerance: Annotated[Optional[float], typer.Option(
              "--tolerance", metavar="RTOL", show_default=False,
@@ -239,15 +308,11 @@ def fuse(model: ModelArg,
     """
     def body():
         fmt = output_format(output)
-        if input_kind(model) != "factory" and _same_file(Path(model), output):
-            raise ReparamError(f"the output '{output}' is the input file; choose another output path")
-        if report is not None and (report == output or (input_kind(model) != "factory"
-                                                        and _same_file(Path(model), report))):
-            raise ReparamError(f"the report '{report}' would overwrite the model; choose another path")
+        _check_outputs(model, output, report, weights, rules)
         if input_kind(model) == "onnx" and fmt != "onnx":
             raise ReparamError(f"an ONNX input can only be written as .onnx, not '{output.suffix}'")
-        if tolerance is not None and tolerance < 0:
-            raise ReparamError(f"--tolerance must be ≥ 0, got {tolerance}")
+        if tolerance is not None and not tolerance >= 0:  # NaN too
+            raise ReparamError(f"--tolerance must be a number ≥ 0, got {tolerance}")
         shapes = [parse_shape(s) for s in input_shape or []]
         chosen = _rule_list(rules, disable, only)
         steps = Steps(_stderr, quiet)
@@ -257,22 +322,19 @@ def fuse(model: ModelArg,
             raise ReparamError(f"writing .{fmt} needs example inputs and none could be guessed: pass --input-shape")
         fused, rep = _fuse(loaded, inputs, shapes, chosen, verify, tolerance, steps)
         t0 = time.perf_counter()
-        with steps.step(f"writing {output} ({fmt})"):
-            save_model(fused, output, inputs)
-        rep.seconds["write"] = time.perf_counter() - t0
-        doc = {"input": model, "output": str(output), "format": fmt, "report": rep.to_dict()}
-        if report is not None:
-            try:
-                write_json(doc, report)
-            except BaseException:
-                output.unlink(missing_ok=True)  # all or nothing
-                raise
+        targets = [output] + ([report] if report is not None else [])
+        with steps.step(f"writing {output} ({fmt})"), atomic_paths(*targets) as temps:  # all or nothing
+            write_model(fused, temps[0], fmt, inputs)
+            rep.seconds["write"] = time.perf_counter() - t0
+            doc = {"input": model, "output": str(output), "format": fmt, "report": rep.to_dict()}
+            if report is not None:
+                Path(temps[1]).write_text(json_text(doc))
         if as_json:
             _json_out(doc)
         elif not quiet:
             _stdout.print(summary_table(rep, title=f"{model} → {output}"))
             _print_notes(rep)
-    _guarded(debug, body)
+    _guarded(debug, body, shape_hint=not input_shape)
 
 
 def _print_notes(rep: Report, dry_run: bool = False) -> None:
@@ -311,7 +373,7 @@ def inspect(model: ModelArg, input_shape: InputShapeOpt = None, rules: RulesOpt 
         _stdout.print(summary_table(rep, title="counts before → after (dry run: not verified, nothing written)",
                                     dry_run=True))
         _print_notes(rep, dry_run=True)
-    _guarded(debug, body)
+    _guarded(debug, body, shape_hint=not input_shape)
 
 
 def _regions(loaded: Loaded, inputs, rep: Report) -> list[str]:
@@ -366,7 +428,7 @@ def bench(model: ModelArg, input_shape: InputShapeOpt = None,
                       f"(interleaved)", highlight=False)
         _stdout.print(latency_table([("original", t_orig), ("fused", t_fused)], ratio))
         _stdout.print(f"max error: {error_text(rep)}; rules fired: {fired_text(rep)}", highlight=False)
-    _guarded(debug, body)
+    _guarded(debug, body, shape_hint=not input_shape)
 
 
 def _median_latency(models, inputs: tuple, warmup: int, repeat: int) -> list[float]:
@@ -392,7 +454,7 @@ def list_rules(rules: RulesOpt = None, as_json: JsonOpt = False, debug: DebugOpt
     """
     def body():
         extra = [r for f in rules or [] for r in load_rule_file(f)]
-        entries = rule_catalogue(extra + builtin_rules())
+        entries = rule_catalogue(select_rules(None, extra))  # checks the names are unique
         if as_json:
             _json_out([{"name": n, "identity": i, "doc": d, "user": k < len(extra)}
                        for k, (n, i, d) in enumerate(entries)])
