@@ -67,3 +67,15 @@ def two_inputs() -> nn.Module:
 
 def broken_factory() -> nn.Module:
     raise RuntimeError("this factory always fails")
+
+
+class DataDependent(nn.Module):
+    """A conv and a BN, then a branch on the output's values: torch.export cannot export it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return y * 2 if y.sum() > 0 else y

@@ -2,10 +2,14 @@
 every bad-input case (one line on stderr, documented exit code, nothing written)."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +25,19 @@ SHAPE = "1,3,12,12"
 X = torch.randn(1, 3, 12, 12, generator=torch.Generator().manual_seed(7))
 
 
-def run(*args, check_rc: int | None = 0) -> subprocess.CompletedProcess:
+def script_env(pythonpath: bool = True) -> dict[str, str]:
+    """The environment of a run: the repository on PYTHONPATH (for tests.cli_models), or no PYTHONPATH at all."""
+    env = dict(os.environ, COLUMNS="120")
+    env.pop("PYTHONPATH", None)
+    if pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    return env
+
+
+def run(*args, check_rc: int | None = 0, cwd: Path = ROOT, pythonpath: bool = True) -> subprocess.CompletedProcess:
     assert SCRIPT.exists(), f"{SCRIPT} is missing: run `make install` first"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
-               COLUMNS="120")
-    proc = subprocess.run([str(SCRIPT), *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run([str(SCRIPT), *map(str, args)], cwd=cwd, env=script_env(pythonpath), capture_output=True,
+                          text=True, timeout=300)
     if check_rc is not None:
         assert proc.returncode == check_rc, f"rc={proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     return proc
@@ -60,7 +71,7 @@ def assert_one_line_error(proc, rc: int, *needles: str) -> None:
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     errors = [ln for ln in lines if ln.startswith("reparam: error:")]
     assert len(errors) == 1, proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert "Traceback" not in proc.stderr and "\x1b" not in proc.stderr  # no traceback, no terminal codes
     assert all(ln.startswith(("reparam: error:", "✓")) for ln in lines), proc.stderr
     for needle in needles:
         assert needle in errors[0], errors[0]
@@ -186,6 +197,70 @@ def test_user_rule_file_is_tried_first_and_a_wrong_rule_fails_verification(pickl
     assert not out.exists()
 
 
+NEIGHBOUR_RULE = '''
+from helpers import nothing_to_do
+from reparam.ops import Affine
+from reparam.pattern import P, X
+from reparam.rule import rule
+
+
+@rule(P(Affine, X("x"), name="bn"))
+def never_rewrites(x, bn):
+    """a(x) = a(x): never rewrites (asks helpers.py, next to this file)."""
+    return nothing_to_do()
+'''
+
+
+def test_a_rule_file_imports_modules_next_to_it(tmp_path):
+    folder = tmp_path / "my_rules"
+    folder.mkdir()
+    (folder / "helpers.py").write_text("def nothing_to_do():\n    return None\n")
+    (folder / "rules.py").write_text(NEIGHBOUR_RULE)
+    listing = run("rules", "--rules", folder / "rules.py").stdout  # run from the repository, not from the folder
+    assert "never_rewrites (user)" in listing
+
+
+def test_a_pickled_model_loads_from_the_working_directory(tmp_path, monkeypatch):
+    """A console script does not put the working directory on sys.path; --trust loads need it, as factories do."""
+    source = tmp_path / "my_models.py"
+    source.write_text((ROOT / "tests" / "cli_models.py").read_text())
+    spec = importlib.util.spec_from_file_location("my_models", source)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "my_models", module)
+    spec.loader.exec_module(module)
+    torch.save(module.tiny_repvgg(), tmp_path / "model.pt")
+    proc = run("fuse", "model.pt", "--trust", "-s", SHAPE, "-o", "deploy.pt", cwd=tmp_path, pythonpath=False)
+    assert "rules fired" in proc.stdout
+    assert_fused_structure(torch.load(tmp_path / "deploy.pt", weights_only=False))
+
+
+def test_a_guessed_input_shape_is_printed_and_a_factory_is_not_called_a_training_model():
+    proc = run("inspect", "tests.cli_models:TinyRepVGG")
+    assert "guessed the input shape 1,3,224,224" in proc.stdout, proc.stdout
+    assert "training mode" not in proc.stdout
+
+
+RESTATE_RULE = '''
+from reparam.ops import Affine
+from reparam.pattern import P, X
+from reparam.rule import rule
+
+
+@rule(P(Affine, X("x"), name="a"))
+def restate_affine(x, a):
+    """a(x) = a(x), as a new node: matches its own output forever."""
+    return a.op.with_()(x)
+'''
+
+
+def test_rules_that_never_settle_are_not_called_a_verification_failure(tmp_path):
+    rules = tmp_path / "loop.py"
+    rules.write_text(RESTATE_RULE)
+    proc = run("inspect", "tests.cli_models:TinyRepVGG", "-s", SHAPE, "--rules", rules, check_rc=None)
+    assert_one_line_error(proc, 3, "the rules did not settle", "'restate_affine' keeps firing")
+    assert "verification failed" not in proc.stderr
+
+
 # ------------------------------------------------------------------------------------------- bad input
 
 def test_pickled_module_without_trust_is_refused(pickled, tmp_path):
@@ -194,33 +269,121 @@ def test_pickled_module_without_trust_is_refused(pickled, tmp_path):
     assert only_files(tmp_path) == {"model.pt"}
 
 
+NOT_RULES = 'RULES = ["conv_bn_fold"]  # names, not rules\n'
+
+DUPLICATE_RULE = '''
+from reparam.ops import Affine
+from reparam.pattern import P, X
+from reparam.rule import rule
+
+
+@rule(P(Affine, X("x"), name="bn"), name="conv_bn_fold")
+def my_conv_bn_fold(x, bn):
+    """A user rule that reuses a built-in rule's name."""
+    return None
+'''
+
+
 def _bad_cases(tmp_path: Path, pickled: Path) -> dict[str, tuple[list, str]]:
     (tmp_path / "model.txt").write_text("not a model")
     (tmp_path / "garbage.pt").write_bytes(b"\x00garbage, not a torch file")
+    (tmp_path / "garbage.pt2").write_bytes(b"garbage")
+    (tmp_path / "garbage.onnx").write_bytes(b"garbage")
     torch.save(tiny_repvgg().state_dict(), tmp_path / "weights.pth")
     torch.save({"stem.0.weight": torch.zeros(2)}, tmp_path / "other.pth")
+    torch.save(two_inputs(), tmp_path / "two.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated; users still have such files
+        torch.jit.script(tiny_repvgg()).save(str(tmp_path / "scripted.pt"))
+    (tmp_path / "link.pth").symlink_to(tmp_path / "weights.pth")
+    (tmp_path / "folder.pt").mkdir()
+    (tmp_path / "rules.py").write_text(WRONG_RULE)
+    (tmp_path / "not_rules.py").write_text(NOT_RULES)
+    (tmp_path / "duplicate.py").write_text(DUPLICATE_RULE)
     out = tmp_path / "deploy.pt"
+    out.write_text("the previous output")  # a failed run leaves it as it was
+    factory, weights, nodir = "tests.cli_models:TinyRepVGG", tmp_path / "weights.pth", tmp_path / "nodir"
     return {
         "missing file": (["fuse", tmp_path / "nope.pt", "--trust", "-o", out], "no such file"),
         "unknown input format": (["fuse", tmp_path / "model.txt", "-o", out], "unknown model format"),
         "unknown output format": (["fuse", pickled, "--trust", "-o", tmp_path / "deploy.h5"],
                                   "unknown output format"),
-        "unreadable file": (["fuse", tmp_path / "garbage.pt", "--trust", "-o", out], "could not be read"),
-        "state_dict as model": (["fuse", tmp_path / "weights.pth", "-o", out], "pkg.module:factory --weights"),
+        "unreadable file": (["fuse", tmp_path / "garbage.pt", "--trust", "-o", out], "not a readable PyTorch"),
+        "unreadable file without --trust": (["fuse", tmp_path / "garbage.pt", "-o", out], "not a readable PyTorch"),
+        "corrupt .pt2": (["fuse", tmp_path / "garbage.pt2", "-o", tmp_path / "d.pt2"], "not a loadable torch.export"),
+        "corrupt .onnx": (["fuse", tmp_path / "garbage.onnx", "-o", tmp_path / "d.onnx"], "not a loadable ONNX"),
+        "TorchScript model": (["fuse", tmp_path / "scripted.pt", "-o", out], "TorchScript models cannot be fused"),
+        "TorchScript model with --trust": (["fuse", tmp_path / "scripted.pt", "--trust", "-o", out],
+                                           "TorchScript models cannot be fused"),
+        "state_dict as model": (["fuse", weights, "-o", out], "pkg.module:factory --weights"),
+        "pickled model as weights": (["fuse", factory, "-w", pickled, "-o", out], "holds more than tensors"),
+        "TorchScript model as weights": (["fuse", factory, "-w", tmp_path / "scripted.pt", "-o", out],
+                                         "is a TorchScript model"),
+        "weights for a .pt2": (["fuse", tmp_path / "garbage.pt2", "-w", weights, "-o", out],
+                               "a torch.export program (.pt2) carries its own weights"),
         "broken factory": (["fuse", "tests.cli_models:broken_factory", "-o", out], "always fails"),
+        "data-dependent model to .pt2": (["fuse", "tests.cli_models:DataDependent", "-s", "1,3,8,8", "-q", "-o",
+                                          tmp_path / "d.pt2"], "torch.export could not export the fused model"),
         "unknown factory": (["fuse", "tests.cli_models:nothing_here", "-o", out], "no attribute"),
-        "weights that do not fit": (["fuse", "tests.cli_models:TinyRepVGG", "-w", tmp_path / "other.pth", "-o",
-                                     out], "does not fit"),
-        "shape that does not fit": (["fuse", pickled, "--trust", "-s", "1,5,12,12", "-o", out], "--input-shape"),
+        "weights that do not fit": (["fuse", factory, "-w", tmp_path / "other.pth", "-o", out], "does not fit"),
+        "shape that does not fit": (["fuse", pickled, "--trust", "-s", "1,5,12,12", "-o", out],
+                                    "does not run on inputs of shape"),
+        "guessed shape that does not fit": (["fuse", tmp_path / "two.pt", "--trust", "-o", out],
+                                            "(set the input shape with --input-shape)"),
         "bad shape text": (["fuse", pickled, "--trust", "-s", "1,3,a", "-o", out], "bad --input-shape"),
+        "NaN tolerance": (["fuse", pickled, "--trust", "--tolerance", "nan", "-o", out], "--tolerance must be"),
         "output is the input": (["fuse", pickled, "--trust", "-o", pickled], "is the input file"),
+        "output is the weights file": (["fuse", factory, "-w", weights, "-o", weights], "is the --weights file"),
+        "output is a link to the weights file": (["fuse", factory, "-w", weights, "-o", tmp_path / "link.pth"],
+                                                 "is the --weights file"),
+        "report is the input": (["fuse", pickled, "--trust", "-o", out, "--report", pickled], "is the input file"),
+        "report is the weights file": (["fuse", factory, "-w", weights, "-o", out, "--report", weights],
+                                       "is the --weights file"),
+        "report is a rules file": (["fuse", pickled, "--trust", "--rules", tmp_path / "rules.py", "-o", out,
+                                    "--report", tmp_path / "rules.py"], "is a --rules file"),
+        "report is the output": (["fuse", pickled, "--trust", "-o", out, "--report", out], "is the output file"),
+        "output folder missing": (["fuse", pickled, "--trust", "-o", nodir / "d.pt"], "does not exist"),
+        "report folder missing": (["fuse", pickled, "--trust", "-o", out, "--report", nodir / "r.json"],
+                                  "does not exist"),
+        "output is a directory": (["fuse", pickled, "--trust", "-o", tmp_path / "folder.pt"], "is a directory"),
+        "report is a directory": (["fuse", pickled, "--trust", "-o", out, "--report", tmp_path / "folder.pt"],
+                                  "is a directory"),
         "unknown rule": (["fuse", pickled, "--trust", "--disable", "no_such_rule", "-o", out], "no_such_rule"),
+        "RULES holds a non-rule": (["fuse", pickled, "--trust", "--rules", tmp_path / "not_rules.py", "-o", out],
+                                   "not_rules.py': RULES[0] is a str, not a rule"),
+        "duplicate rule name": (["fuse", pickled, "--trust", "--rules", tmp_path / "duplicate.py", "-o", out],
+                                "two rules are named 'conv_bn_fold'"),
+        "duplicate rule name in the listing": (["rules", "--rules", tmp_path / "duplicate.py"],
+                                               "two rules are named 'conv_bn_fold'"),
+        "missing --output": (["fuse", pickled, "--trust"], "Missing option '--output'"),
+        "unknown option": (["fuse", pickled, "--trust", "--bogus", "-o", out], "No such option: --bogus"),
+        "unknown command": (["fusee", pickled], "No such command 'fusee'"),
     }
 
 
-CASES = ["missing file", "unknown input format", "unknown output format", "unreadable file", "state_dict as model",
-         "broken factory", "weights that do not fit", "shape that does not fit",
-         "output is the input", "unknown rule"]
+CASES = ["missing file", "unknown input format", "unknown output format", "unreadable file",
+         "unreadable file without --trust", "corrupt .pt2", "corrupt .onnx", "TorchScript model",
+         "TorchScript model with --trust", "state_dict as model", "pickled model as weights",
+         "TorchScript model as weights", "weights for a .pt2", "broken factory", "data-dependent model to .pt2",
+         "unknown factory", "weights that do not fit", "shape that does not fit", "guessed shape that does not fit",
+         "bad shape text",
+         "NaN tolerance", "output is the input", "output is the weights file", "output is a link to the weights file",
+         "report is the input", "report is the weights file", "report is a rules file", "report is the output",
+         "output folder missing", "report folder missing", "output is a directory", "report is a directory",
+         "unknown rule", "RULES holds a non-rule", "duplicate rule name", "duplicate rule name in the listing",
+         "missing --output", "unknown option", "unknown command"]
+# Refused before anything is loaded or fused (the checks that need no model).
+EARLY = {"unknown input format", "unknown output format", "weights for a .pt2", "bad shape text", "NaN tolerance",
+         "output is the input", "output is the weights file", "output is a link to the weights file",
+         "report is the input", "report is the weights file", "report is a rules file", "report is the output",
+         "output folder missing", "report folder missing", "output is a directory", "report is a directory",
+         "unknown rule", "RULES holds a non-rule", "duplicate rule name", "missing --output", "unknown option",
+         "unknown command"}
+
+
+def test_every_bad_case_is_run(pickled, tmp_path):
+    cases = _bad_cases(tmp_path, pickled)
+    assert sorted(CASES) == sorted(cases) and EARLY <= set(cases)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -230,6 +393,21 @@ def test_bad_input_is_one_line_exit_2_nothing_written(case, pickled, tmp_path):
     proc = run(*args, check_rc=None)
     assert_one_line_error(proc, 2, needle)
     assert {p: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == before  # nothing written or touched
+    assert (tmp_path / "deploy.pt").read_text() == "the previous output"
+    if case in EARLY:
+        assert "✓" not in proc.stderr, f"{case}: refused only after loading\n{proc.stderr}"
+    if "-s" in args:
+        assert "set the input shape" not in proc.stderr  # the hint only when no shape was given
+
+
+def test_duplicate_rule_names_are_refused_in_the_python_api_too():
+    import reparam
+    from reparam.errors import ReparamError
+
+    spec = {}
+    exec(DUPLICATE_RULE, spec)
+    with pytest.raises(ReparamError, match="two rules are named 'conv_bn_fold'"):
+        reparam.fuse(tiny_repvgg(), X, extra_rules=[spec["my_conv_bn_fold"]])
 
 
 def test_verification_failure_exits_3_and_writes_nothing(pickled, tmp_path):
@@ -270,21 +448,42 @@ def test_bench_reports_medians_and_ratio(pickled, tmp_path):
 
 
 def test_repnext_m1_pickled_with_trust(tmp_path):
+    """The default path (verified in float64), run as a user would: from the project directory, no PYTHONPATH."""
     from examples.repnext import repnext_m1
     from examples.repnext.utils import randomize_bn_stats
 
     model = randomize_bn_stats(repnext_m1(), torch.Generator().manual_seed(0)).eval()
     src, out = tmp_path / "repnext_m1.pt", tmp_path / "deploy.pt"
     torch.save(model, src)
-    # Verified here against the original in float32; the CLI's float64 check of all of M1 costs tens of seconds.
-    proc = run("fuse", src, "--trust", "--input-shape", "1,3,224,224", "-o", out, "--no-verify")
+    proc = run("fuse", src, "--trust", "--input-shape", "1,3,224,224", "-o", out, pythonpath=False)
     bns = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    assert f"{bns} → 0" in proc.stdout and "rules fired" in proc.stdout, proc.stdout
+    for needle in (f"{bns} → 0", "max error", "in float64 (tolerance 1e-09)", "rules fired"):
+        assert needle in proc.stdout, proc.stdout
+    assert "✓ verifying end to end in float64" in proc.stderr
     fused = torch.load(out, weights_only=False)
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in fused.modules())
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert close(fused(x), model(x), rtol=1e-4)
+
+
+def test_sigterm_removes_the_temporary_file_and_exits_143(tmp_path):
+    out = tmp_path / "deploy.pt2"  # exporting M1 takes seconds, with the temporary file in place
+    proc = subprocess.Popen([str(SCRIPT), "fuse", "examples.repnext:repnext_m1", "-s", "1,3,224,224", "-o", out,
+                             "--no-verify"], cwd=ROOT, env=script_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not any(".partial" in p.name for p in tmp_path.iterdir()):
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended before writing began"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert_one_line_error(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), 143,
+                          "terminated; nothing was written")
+    assert only_files(tmp_path) == set()
 
 
 def test_docs_cover_every_command_and_option():
