@@ -5,11 +5,11 @@ from reparam.rule import require, rule
 
 @rule(P((Mean, Flatten), P(Affine, X("x"), name="bn"), name="pool"))
 def affine_through_pool(x, bn, pool):
-    """mean(a(x)) = a(mean(x)) and flatten(a(x)) = a'(flatten(x)): a BatchNorm moves past global pooling
-    and flattening toward the Linear that will absorb it (bn_prefold).
+    """mean(a(x)) = a(mean(x)), flatten(a(x)) = a'(flatten(x)): a BatchNorm moves past pooling and flattening.
 
-    Exact when the affine's axis is not reduced by the mean (per-channel scale commutes with averaging
-    over other axes); for flatten, the affine is repeated over the merged axes.
+    It moves toward the Linear that will absorb it (bn_prefold). Exact when the affine's axis is not reduced
+    by the mean (per-channel scale commutes with averaging over other axes); for flatten, the affine is
+    repeated over the merged axes.
     """
     a = bn.op
     rank = x.rank
