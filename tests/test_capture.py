@@ -285,3 +285,21 @@ def test_a_correct_capture_has_no_misread_nodes():
                      (FunctionalBlock().eval(), torch.randn(1, 6, 9, 9))]:
         (region,) = capture(model, (x,)).regions
         assert misread_nodes(region.gm) == []
+
+
+def test_structure_copy_shares_tensors_and_nothing_else():
+    from reparam.capture import structure_copy
+
+    model = randomize(nn.Sequential(Caching(), nn.Conv2d(3, 3, 1), nn.utils.parametrizations.weight_norm(
+        nn.Conv2d(3, 3, 1)))).eval()
+    model[0].table = {"a": [1, 2]}
+    model[0].register_forward_hook(lambda m, a, out: out + 1)
+    twin = structure_copy(model)
+    assert all(a is b for a, b in zip(model.parameters(), twin.parameters()))
+    assert all(a is b for a, b in zip(model.buffers(), twin.buffers()))
+    assert all(a is not b for a, b in zip(model.modules(), twin.modules()))
+    twin[0].table["a"].append(3)
+    twin[0].cache["k"] = 1
+    assert model[0].table == {"a": [1, 2]} and model[0].cache == {}
+    x = torch.randn(1, 3, 5, 5)
+    torch.testing.assert_close(twin(x), model(x), rtol=0, atol=0)
