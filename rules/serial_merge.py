@@ -21,6 +21,16 @@ def _absorbed_by_sibling(second, composite: Conv, x) -> bool:
     return False
 
 
+def _linear_absorbed_by_sibling(second, in_features: int, x) -> bool:
+    """The composite Linear will vanish into linear_sum: the consumer sum holds another Linear of x with the
+    same in → out shape (a low-rank branch beside a full one, as in LoRA)."""
+    if len(second.users) != 1 or not isinstance(second.users[0].op, Sum):
+        return False
+    shape = (second.op.out_features, in_features)
+    return any(n is not second and isinstance(n.op, Linear) and n.inputs[0] is x and len(n.users) == 1
+               and tuple(n.op.weight.shape) == shape for n in second.users[0].inputs)
+
+
 @rule(P((Conv, Linear), P((Conv, Linear), X("x"), name="first"), name="second"))
 def serial_merge(x, first, second):
     """conv₂(conv₁(x)) = conv(x): taps j·d₂·s₁ + l·d₁ accumulate W₂ⱼW₁ₗ, stride s₁s₂, bias b₂ + ΣW₂b₁.
@@ -28,12 +38,18 @@ def serial_merge(x, first, second):
     Covers 1×1→k×k, k×k→1×1, 1×1→1×1, separable 1×k→k×1 (also stride (1,s) then (s,1)), Linear→Linear.
     Exact when conv₂ never reads a zero-padded position of conv₁'s output that conv₁ would not have
     produced as zero: conv₂ is unpadded, or conv₁ has no bias and reads only padding there
-    (kernels.serial_is_exact). Fires only when the result is not costlier than the two convs, or will be
-    absorbed by a larger sibling kernel of the same sum.
+    (kernels.serial_is_exact). Fires only when the result is not costlier than the two convs (for
+    Linear→Linear: in·out ≤ in·mid + mid·out), or will be absorbed by a larger sibling kernel (a sibling
+    Linear of the same shape) of the same sum.
     """
     a, b = first.op, second.op
     if isinstance(a, Linear) or isinstance(b, Linear):
         require(isinstance(a, Linear) and isinstance(b, Linear), "a conv and a linear do not compose")
+        merged, apart = a.in_features * b.out_features, a.weight.numel() + b.weight.numel()
+        require(merged <= apart or _linear_absorbed_by_sibling(second, a.in_features, x),
+                f"the merged Linear ({a.in_features}→{b.out_features}, {merged} multiply-adds per row) would cost "
+                f"more multiply-adds than the two Linears ({a.in_features}→{a.out_features}→{b.out_features}, "
+                f"{apart})")
         return opmath.compose_linear(a, b)(x)
     require(a.padding_mode == b.padding_mode == "zeros", "non-zero padding modes do not compose")
     bias_zero = a.bias is None or not bool(a.bias.any())

@@ -371,12 +371,20 @@ def test_serial_merge_separable(data, strided):
 
 @given(st.data())
 def test_serial_merge_linear(data):
-    """Linear → Linear → one Linear."""
+    """Linear → Linear → one Linear when a·c ≤ a·b + b·c; a bottleneck (a·c larger) is refused and stays two
+    Linears, so the parameter count never grows."""
     a, b, c = (data.draw(st.integers(1, 8)) for _ in range(3))
     model = build(nn.Sequential(nn.Linear(a, b, bias=data.draw(st.booleans())),
                                 nn.Linear(b, c, bias=data.draw(st.booleans()))), data.draw)
-    _, _, n = fuse_fired("serial_merge", model, torch.randn(3, a, dtype=torch.float64), times=1)
+    x = torch.randn(3, a, dtype=torch.float64)
+    if a * c > a * b + b * c:
+        fused, report = assert_refuses("serial_merge", model, (x,), "multiply-adds", rtol=RTOL)
+        assert "serial_merge" not in report.fired_counts() and count_ops(fused)["linears"] == 2
+        assert count_ops(fused)["params"] == count_ops(model)["params"]
+        return
+    fused, _, n = fuse_fired("serial_merge", model, x, times=1)
     assert n["linears"] == 1 and n["ops"] == 1
+    assert next(m for m in fused.modules() if isinstance(m, nn.Linear)).weight.numel() <= a * b + b * c
 
 
 # ------------------------------------------------------------------------------------------- folds forwards
