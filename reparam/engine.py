@@ -28,7 +28,7 @@ class Event:
     rule: str
     where: str
     detail: str = ""
-    node: Node | None = field(default=None, repr=False, compare=False)  # a refusal's match root
+    match: tuple[Node, ...] = field(default=(), repr=False, compare=False)  # a refusal's matched nodes
 
 
 @dataclass
@@ -39,22 +39,23 @@ class RewriteLog:
     def fired(self, rule: Rule, where: str, detail: str):
         self.events.append(Event("fired", rule.name, where, detail))
 
-    def refused(self, rule: Rule, node: Node, reason: str):
+    def refused(self, rule: Rule, node: Node, reason: str, bound: dict[str, Node]):
         key = (rule.name, node.id, reason)
         if key not in self._seen_refusals:
             self._seen_refusals.add(key)
-            self.events.append(Event("refused", rule.name, node.name, reason, node))
+            self.events.append(Event("refused", rule.name, node.name, reason, (node, *bound.values())))
 
     def fired_events(self):
         return [e for e in self.events if e.kind == "fired"]
 
     def refusals(self):
-        """Refusals at nodes still in the graph: a node rewritten later was revisited (a refusal that still
-        holds was logged again at its replacement), so what was refused there is moot. One per place."""
+        """Refusals of matches whose nodes are all still in the graph: where a later rewrite replaced one of
+        them, the nodes around it were revisited (a refusal that still holds was logged again), so the one
+        logged before is moot. One per place and reason."""
         seen, out = set(), []
         for e in self.events:
             key = (e.rule, e.where, e.detail)
-            if e.kind == "refused" and (e.node is None or e.node.graph is not None) and key not in seen:
+            if e.kind == "refused" and all(n.graph is not None for n in e.match) and key not in seen:
                 seen.add(key)
                 out.append(e)
         return out
@@ -291,7 +292,7 @@ class Engine:
                 self._check_consumers(graph, node, absorbed)
                 check = prepare_check(rule, node, expr, absorbed, seed=self.count) if self.check else None
             except Refusal as r:
-                self.log.refused(rule, node, str(r))
+                self.log.refused(rule, node, str(r), bound)
                 continue
             if check is not None:
                 self._checks.submit(check)
