@@ -22,7 +22,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import aten_ops
 from . import verify as verify_mod
-from .api import bisect_culprit, rewrite_graph_module
+from .api import mismatch, rewrite_graph_module
 from .errors import CaptureError, ReparamError, VerificationError
 from .registry import select_rules
 from .report import Counts, Report, Verification, count_params
@@ -178,7 +178,7 @@ def fuse_exported(ep: torch.export.ExportedProgram, *, rules: Sequence[Rule] | N
     flat = list(args) + [kwargs[k] for k in kw]
 
     t0 = time.perf_counter()
-    fused, twin, total = _rewrite(ep, chosen, check, None, rep)
+    fused, twin, _ = _rewrite(ep, chosen, check, None, rep)
     rep.seconds["rewrite"] = time.perf_counter() - t0
     if verify:
         t0 = time.perf_counter()
@@ -189,11 +189,7 @@ def fuse_exported(ep: torch.export.ExportedProgram, *, rules: Sequence[Rule] | N
                 part, part_twin, _ = _rewrite(ep, chosen, check, k, Report())
                 return _verify(ep, part, part_twin, flat, len(args), kw, tolerance).passed
 
-            culprit = bisect_culprit(right_after, total, rep)
-            raise VerificationError(
-                f"the fused program differs from the original (relative error {rep.verification.error_fp64:.3g} "
-                f"in float64 > {tolerance:g}); first wrong rewrite: {culprit}. Disable that rule and report it.",
-                rewrite=culprit, error=rep.verification.error_fp64)
+            raise mismatch("program", rep, tolerance, right_after)
     else:
         rep.verification.skipped = "disabled by the caller"
 
