@@ -8,18 +8,15 @@ iteration guard, and the log of what fired and what refused and why.
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 from dataclasses import dataclass, field
 
 import torch
 
-from .errors import FixpointError, ReparamError, RewriteMismatch, RuleError
+from . import checks
+from .errors import FixpointError, ReparamError, RuleError
 from .ir import Expr, Graph, Node
-from .ops import (Affine, AvgPool, Cat, Conv, Identity, Input, Opaque, Pad, Slice, Sum, output_shape)
+from .ops import Identity, Input, Opaque, output_shape
 from .rule import Refusal, Rule
-
-LOCAL_RTOL = 1e-9
-_SHRINKABLE = (Conv, Sum, Pad, AvgPool, Identity)
 
 
 @dataclass
@@ -87,127 +84,12 @@ def absorbed_nodes(root: Node, leaves: list[Node]) -> list[Node]:
     return list(seen.values())
 
 
-def _expr_ops(e: Expr) -> list:
-    out = [e.op]
-    for i in e.inputs:
-        if isinstance(i, Expr):
-            out.extend(_expr_ops(i))
-    return out
-
-
-def _shrinkable(op) -> bool:
-    """The op works the same on any spatial size (an affine or cat/slice not along a spatial axis)."""
-    if isinstance(op, Affine):
-        return op.axis is None or op.is_scalar or op.axis < 2
-    if isinstance(op, (Cat, Slice)):
-        return op.dim == 1
-    return isinstance(op, _SHRINKABLE)
-
-
-def _check_shapes(leaves: list[Node], ops: list) -> list[tuple[int, ...]] | None:
-    """Input shapes for the local check: batch 1; spatial axes shrunk when every op allows it."""
-    if any(n.shape is None for n in leaves):
-        return None
-    shapes = [(1, *n.shape[1:]) for n in leaves]
-    spatial = {s[2:] for s in shapes}
-    if len(spatial) == 1 and all(_shrinkable(op) for op in ops):
-        # per window: its extent plus two strides less one (both borders, an interior position, every phase)
-        reach = [max(op.extent) + 2 * max(op.stride) - 1 for op in ops if isinstance(op, Conv) and op.nd]
-        reach += [max(op.kernel_size) + 2 * max(op.stride) - 1 for op in ops if isinstance(op, AvgPool)]
-        reach += [max(max(p) for p in op.pads) * 2 + 2 for op in ops if isinstance(op, Pad) and op.pads]
-        size = max(reach, default=3)
-        shapes = [(*s[:2], *(min(n, size) for n in s[2:])) for s in shapes]
-    return shapes
-
-
-def _program(root: Node, expr: Expr, leaves: list[Node]) -> tuple[list, int, int]:
-    """Both sides of a rewrite as one straight-line program over the leaves' values: a list of
-    (op, input slots), and the slots holding the old root's value and the replacement's."""
-    slots = {n.id: k for k, n in enumerate(leaves)}
-    steps: list = []
-
-    def old(n: Node) -> int:
-        if n.id not in slots:
-            args = [old(i) for i in n.inputs]
-            steps.append((n.op, args))
-            slots[n.id] = len(leaves) + len(steps) - 1
-        return slots[n.id]
-
-    def new(e: Expr | Node) -> int:
-        if isinstance(e, Node):
-            return slots[e.id]
-        args = [new(i) for i in e.inputs]
-        steps.append((e.op, args))
-        return len(leaves) + len(steps) - 1
-
-    return steps, old(root), new(expr)
-
-
-def prepare_check(rule: Rule, root: Node, expr: Expr, absorbed: list[Node], seed: int):
-    """The local check of a rewrite, ready to run: a function comparing the absorbed subgraph with its
-    replacement on random float64 inputs (it raises RewriteMismatch). Refuses here when the leaves'
-    shapes are unknown. Everything it needs is captured now, so it may run while the graph changes."""
-    leaves = list({n.id: n for n in expr.leaves()}.values())
-    ops = [n.op for n in absorbed] + _expr_ops(expr)
-    shapes = _check_shapes(leaves, ops)
-    if shapes is None:
-        raise Refusal("input shapes are unknown, so the rewrite cannot be checked (pass example inputs)")
-    steps, want_slot, got_slot = _program(root, expr, leaves)
-    name, where = rule.name, root.name
-
-    def run() -> None:
-        gen = torch.Generator().manual_seed(seed)
-        values = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
-        try:
-            for op, args in steps:
-                values.append(op.evaluate(*[values[a] for a in args]))
-        except (RuntimeError, ValueError) as err:
-            raise RewriteMismatch(name, where, f"could not evaluate the rewrite: {err}") from err
-        want, got = values[want_slot], values[got_slot]
-        if got.shape != want.shape:
-            raise RewriteMismatch(name, where, f"shape {tuple(got.shape)} instead of {tuple(want.shape)}")
-        scale = want.abs().max().clamp_min(1e-30)
-        err = float((got - want).abs().max() / scale)
-        if not err <= LOCAL_RTOL:
-            raise RewriteMismatch(name, where, f"relative error {err:.3g} on random inputs")
-
-    return run
-
-
-def local_check(rule: Rule, root: Node, expr: Expr, absorbed: list[Node], seed: int) -> None:
-    """Compare the absorbed subgraph with its replacement on random float64 inputs, now."""
-    prepare_check(rule, root, expr, absorbed, seed)()
-
-
-class _Checks:
-    """Local checks run in order on one worker thread, beside the rewriting (their tensor work releases
-    the GIL). ``wait`` raises the first failure, in the order the rewrites were applied."""
-
-    def __init__(self):
-        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="reparam-check")
-        self.pending: list[concurrent.futures.Future] = []
-
-    def submit(self, check) -> None:
-        self.pending.append(self.pool.submit(check))
-
-    def wait(self) -> None:
-        try:
-            for f in self.pending:
-                f.result()
-        finally:
-            self.close()
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
-        self.pending = []
-
-
 class Engine:
     """Applies ``rules`` (tried in order at each node) to ``graph`` until none applies."""
 
     def __init__(self, rules: list[Rule], *, check: bool = True, max_rewrites: int | None = None,
                  stop_after: int | None = None):
-        self._checks: _Checks | None = None
+        self._checks: checks.Checks | None = None
         self._threads: int | None = None
         self.rules = rules
         self.check = check
@@ -222,10 +104,12 @@ class Engine:
         With ``wait`` this returns once every check has passed; otherwise call :meth:`wait` before using
         the result. A failed check raises RewriteMismatch naming its rewrite, even if a later step failed."""
         self._threads = torch.get_num_threads()
+        self._checks = checks.Checks() if self.check else None
         torch.set_num_threads(1)
-        self._checks = _Checks() if self.check else None
         try:
             self._run(graph)
+            if self._checks is not None:
+                self._checks.start()
         except Exception:
             self.wait()  # a wrong earlier rewrite explains a later failure: report it first
             raise
@@ -239,10 +123,10 @@ class Engine:
     def wait(self, cancel: bool = False) -> None:
         """Wait for the pending local checks and raise the first failure (or drop them, with ``cancel``);
         restore torch's thread count."""
-        checks, self._checks = self._checks, None
+        pending, self._checks = self._checks, None
         try:
-            if checks is not None:
-                checks.close() if cancel else checks.wait()
+            if pending is not None:
+                pending.close() if cancel else pending.wait()
         finally:
             if self._threads is not None:
                 torch.set_num_threads(self._threads)
@@ -290,7 +174,7 @@ class Engine:
                     expr = Expr(Identity(), (expr,))
                 absorbed = absorbed_nodes(node, expr.leaves())
                 self._check_consumers(graph, node, absorbed)
-                check = prepare_check(rule, node, expr, absorbed, seed=self.count) if self.check else None
+                check = self._prepare_check(rule, node, expr, absorbed) if self.check else None
             except Refusal as r:
                 self.log.refused(rule, node, str(r), bound)
                 continue
@@ -298,6 +182,12 @@ class Engine:
                 self._checks.submit(check)
             return self._apply(graph, rule, node, expr, absorbed)
         return None
+
+    def _prepare_check(self, rule: Rule, node: Node, expr: Expr, absorbed: list[Node]) -> checks.Check:
+        try:
+            return checks.prepare(rule.name, node, expr, absorbed, seed=self.count)
+        except checks.Unknown:
+            raise Refusal("input shapes are unknown, so the rewrite cannot be checked (pass example inputs)")
 
     @staticmethod
     def _call(rule: Rule, node: Node, bound: dict[str, Node]) -> Expr | Node | None:

@@ -9,6 +9,7 @@ modified in place. An input bias of ``None`` means zero; returned biases are alw
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 
 import torch
@@ -256,9 +257,13 @@ def conv_nd(x, W, b, stride, pad, dilation, groups):
         return F.conv1d(x[..., None], W[..., None], b, groups=groups)[..., 0]
     flat = [p for a in reversed(range(nd)) for p in pad[a]]
     x = F.pad(x, flat) if any(flat) else x
-    if groups > 1 and x.dtype == torch.float64 and x.device.type == "cpu" and \
-            x.numel() * math.prod(W.shape[2:]) <= GROUPED_CONV_CHUNK // 16:
-        return grouped_conv(x, W, b, stride, dilation, groups)  # small inputs: where torch's group loop dominates
+    if groups > 1 and x.dtype == torch.float64 and x.device.type == "cpu":
+        # torch's float64 CPU conv loops over groups (~4 µs each): with many groups, go around it
+        taps = math.prod(W.shape[2:])
+        if x.numel() * taps <= GROUPED_CONV_CHUNK // 16:
+            return grouped_conv(x, W, b, stride, dilation, groups)
+        if 3 * taps < groups:
+            return tapwise_conv(x, W, b, stride, dilation, groups)
     conv = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
     return conv(x, W, b, tuple(stride), 0, tuple(dilation), groups)
 
@@ -291,4 +296,29 @@ def grouped_conv(x, W, b, stride, dilation, groups):
              for j in range(0, g, step)]  # each [n, step, positions, p]
     y = torch.cat(parts, 1) if len(parts) > 1 else parts[0]
     y = y.transpose(2, 3).reshape(n, g * p, *out)
+    return y if b is None else y + b.reshape(1, -1, *([1] * nd))
+
+
+def tapwise_conv(x, W, b, stride, dilation, groups):
+    """An unpadded grouped conv as a sum over kernel taps: each tap's strided slice of ``x`` times that tap's
+    weights, for all groups at once (an ``addcmul`` when each group reads one channel, a batched matmul
+    otherwise). The same sum as ``F.conv{nd}d``; no windowed copy of the input, one op per tap."""
+    nd = W.ndim - 2
+    n, c, *size = x.shape
+    g, m, p, k = groups, c // groups, W.shape[0] // groups, W.shape[2:]
+    out = [(s - d * (kk - 1) - 1) // st + 1 for s, kk, d, st in zip(size, k, dilation, stride)]
+    if any(o <= 0 for o in out):
+        raise RuntimeError(f"input of spatial size {tuple(size)} is smaller than the kernel extent")
+    xg = x.reshape(n, g, m, *size)
+    Wg = W.reshape(g, p, m, -1)
+    y = x.new_zeros(n, g, p, *out)
+    for t, tap in enumerate(itertools.product(*(range(kk) for kk in k))):
+        window = (slice(None),) * 3 + tuple(slice(j * d, j * d + s * (o - 1) + 1, s)
+                                            for j, d, s, o in zip(tap, dilation, stride, out))
+        xs = xg[window]
+        if m == 1:
+            y.addcmul_(xs, Wg[:, :, 0, t].reshape(1, g, p, *([1] * nd)))
+        else:
+            y += torch.matmul(Wg[:, :, :, t], xs.reshape(n, g, m, -1)).reshape(y.shape)
+    y = y.reshape(n, g * p, *out)
     return y if b is None else y + b.reshape(1, -1, *([1] * nd))
