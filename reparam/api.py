@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import copy
+import functools
+import gc
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -157,6 +159,23 @@ def rewrite_graph_module(gm: fx.GraphModule, rules, check, stop_after, report: R
     return Rewritten(graph, gm, fused, engine.count)
 
 
+def gc_paused(fn):
+    """Run ``fn`` with the cyclic garbage collector paused: fusing makes many short-lived objects, and
+    full collections over a big model's heap cost more than the whole rewrite (they run once it is done)."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if was_enabled:
+                gc.enable()
+
+    return run
+
+
+@gc_paused
 def fuse(model: nn.Module, example_inputs=None, *, rules: Sequence[Rule] | None = None,
          extra_rules: Sequence[Rule] = (), disable: Sequence[str] = (), only: Sequence[str] | None = None,
          verify: bool = True, check: bool = True, tolerance: float = verify_mod.DEFAULT_TOLERANCE,

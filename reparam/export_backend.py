@@ -22,7 +22,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import aten_ops
 from . import verify as verify_mod
-from .api import mismatch, rewrite_graph_module
+from .api import gc_paused, mismatch, rewrite_graph_module
 from .errors import CaptureError, ReparamError, VerificationError
 from .registry import select_rules
 from .report import Counts, Report, Verification, count_params
@@ -158,6 +158,7 @@ def _verify(ep, fused, twin, flat, n_args, kw, tolerance) -> Verification:
                         tolerance=tolerance, passed=err64 <= tolerance)
 
 
+@gc_paused
 def fuse_exported(ep: torch.export.ExportedProgram, *, rules: Sequence[Rule] | None = None,
                   extra_rules: Sequence[Rule] = (), disable: Sequence[str] = (), only: Sequence[str] | None = None,
                   verify: bool = True, check: bool = True, tolerance: float = verify_mod.DEFAULT_TOLERANCE,

@@ -14,6 +14,7 @@ from typing import Sequence
 import numpy as np
 import onnx
 
+from .api import gc_paused
 from .engine import Engine
 from .errors import ReparamError, VerificationError
 from .onnx_export import export_onnx
@@ -114,6 +115,7 @@ def _reference(graph, feeds, opset: int, rep: Report):
         return None
 
 
+@gc_paused
 def fuse_onnx(model_or_path, *, input_shapes=None, rules: Sequence[Rule] | None = None,
               extra_rules: Sequence[Rule] = (), disable: Sequence[str] = (), only: Sequence[str] | None = None,
               verify: bool = True, tolerance: float = DEFAULT_TOLERANCE, report: bool = False):
