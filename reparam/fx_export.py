@@ -36,9 +36,9 @@ def _in_dtype(op: Op, dtype: torch.dtype | None) -> Op:
 def conv_module(op: Conv) -> nn.Module:
     cls = (None, nn.Conv1d, nn.Conv2d, nn.Conv3d)[op.nd]
     padding = tuple(lo for lo, _ in op.padding) if symmetric(op.padding) else 0
-    m = nn.utils.skip_init(cls, op.in_channels, op.out_channels, op.kernel_size, stride=op.stride,
-                           padding=padding, dilation=op.dilation, groups=op.groups, bias=op.bias is not None,
-                           padding_mode=op.padding_mode, device=op.device, dtype=op.dtype)
+    m = cls(op.in_channels, op.out_channels, op.kernel_size, stride=op.stride, padding=padding,
+            dilation=op.dilation, groups=op.groups, bias=op.bias is not None, padding_mode=op.padding_mode,
+            device="meta", dtype=op.dtype)  # built without data: its tensors are set next
     m.weight = nn.Parameter(_cast(op.weight, op))
     if op.bias is not None:
         m.bias = nn.Parameter(_cast(op.bias, op))
@@ -46,8 +46,7 @@ def conv_module(op: Conv) -> nn.Module:
 
 
 def linear_module(op: Linear) -> nn.Module:
-    m = nn.utils.skip_init(nn.Linear, op.in_features, op.out_features, bias=op.bias is not None,
-                           device=op.device, dtype=op.dtype)
+    m = nn.Linear(op.in_features, op.out_features, bias=op.bias is not None, device="meta", dtype=op.dtype)
     m.weight = nn.Parameter(_cast(op.weight, op))
     if op.bias is not None:
         m.bias = nn.Parameter(_cast(op.bias, op))

@@ -291,6 +291,20 @@ def prod(xs) -> int:
     return math.prod(xs)
 
 
+def broadcast_shapes(shapes) -> tuple[int, ...] | None:
+    """NumPy broadcasting of ``shapes``, None if they do not broadcast (``torch.broadcast_shapes`` imports
+    torch's symbolic-shape machinery, a second of start-up, and is slow per call)."""
+    shapes = [tuple(s) for s in shapes]
+    rank = max(len(s) for s in shapes)
+    out = []
+    for sizes in zip(*[(1,) * (rank - len(s)) + s for s in shapes]):
+        big = {n for n in sizes if n != 1}
+        if len(big) > 1:
+            return None
+        out.append(big.pop() if big else 1)
+    return tuple(out)
+
+
 def _conv_len(n: int, lo: int, hi: int, extent: int, stride: int) -> int:
     return (n + lo + hi - extent) // stride + 1
 
@@ -307,7 +321,7 @@ def output_shape(op: Op, shapes: list[tuple[int, ...] | None]) -> tuple[int, ...
     if isinstance(op, Linear):
         return (*x[:-1], op.out_features)
     if isinstance(op, (Affine, Identity, Sum)):
-        return tuple(torch.broadcast_shapes(*shapes))
+        return broadcast_shapes(shapes)
     if isinstance(op, Pad):
         k = len(op.pads)
         return (*x[:-k], *(n + lo + hi for n, (lo, hi) in zip(x[-k:], op.pads)))

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 from torch.utils._pytree import tree_flatten, tree_map
 
+from .ops import broadcast_shapes
+
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _SHAPE_KEEPING = (
     nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
@@ -83,7 +85,7 @@ def elementwise_result(target, args, kwargs) -> torch.Tensor | None:
         tensors = [v for v in args if isinstance(v, torch.Tensor)]
         if not tensors:
             return None
-        shape = _broadcast([tuple(t.shape) for t in tensors])
+        shape = broadcast_shapes([tuple(t.shape) for t in tensors])
         if shape is None:
             return None  # let the real kernel raise its own error
         dtype = torch.result_type(*args)
@@ -96,18 +98,6 @@ def elementwise_result(target, args, kwargs) -> torch.Tensor | None:
     if target in (torch.cat, torch.concat) and args and not set(kwargs) - {"dim"}:
         return _cat_result(args[0], args[1] if len(args) > 1 else kwargs.get("dim", 0))
     return None
-
-
-def _broadcast(shapes: list[tuple[int, ...]]) -> tuple[int, ...] | None:
-    """NumPy broadcasting of ``shapes`` (torch.broadcast_shapes imports torch's symbolic-shape code)."""
-    rank = max(len(s) for s in shapes)
-    out = []
-    for sizes in zip(*[(1,) * (rank - len(s)) + s for s in shapes]):
-        big = {n for n in sizes if n != 1}
-        if len(big) > 1:
-            return None
-        out.append(big.pop() if big else 1)
-    return tuple(out)
 
 
 def _mean_result(x: torch.Tensor, dims, keepdim: bool) -> torch.Tensor | None:
