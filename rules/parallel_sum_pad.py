@@ -13,8 +13,9 @@ def _key(op: Conv):
 
 
 def _difference(convs) -> str:
-    """Why sibling convs of one input cannot merge: the first key field on which they differ."""
-    for f in _KEY_FIELDS:
+    """Why sibling convs of one input cannot merge: the first key field on which they differ (groups and
+    dilation last: groups_merge and dilated_to_dense bring those to a common value when nothing else differs)."""
+    for f in sorted(_KEY_FIELDS, key=lambda f: f in ("groups", "dilation")):
         values = sorted({str(getattr(t.node.op, f)) for t in convs})
         if len(values) > 1:
             return f"sibling convs of one input differ in {f.replace('_', ' ')} ({' vs '.join(values)})"

@@ -414,7 +414,9 @@ def test_normalizers_still_fire_for_mergeable_siblings(rule, modules, shape):
     (lambda: dict(a=nn.Conv2d(4, 4, 3, padding=1), b=nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect")),
      (2, 4, 8, 8), ("padding mode", "reflect")),
     (lambda: dict(a=nn.Conv2d(4, 4, 3, 2, 1), b=nn.Conv2d(4, 4, 2, 2)), (2, 4, 8, 8), ("misaligned", "slack")),
-], ids=["padding-mode", "uneven-slack"])
+    (lambda: dict(a=nn.Conv2d(4, 4, 3, padding=1, groups=4), b=nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect")),
+     (2, 4, 8, 8), ("padding mode", "reflect")),  # the blocker named, not the grouping groups_merge would fix
+], ids=["padding-mode", "uneven-slack", "padding-mode-not-groups"])
 def test_parallel_sum_pad(modules, shape, words):
     """Zeros + reflect padded siblings, and a 3×3 s2 p1 beside a 2×2 s2 (padding slack 0 vs −1: the same output
     size on even inputs only, so not one conv for every input size)."""
