@@ -394,7 +394,8 @@ def _per_axis(c, shape: tuple[int, ...], n: fx.Node):
     if out_shape is not None and tuple(out_shape) != tuple(shape):
         return None  # the constant changes the shape: not a per-axis affine
     # a Python number goes straight to float64 (torch.as_tensor would round it to float32 first)
-    t = torch.as_tensor(c, dtype=torch.float64) if isinstance(c, numbers.Number) else c.detach().to("cpu", torch.float64)
+    t = torch.as_tensor(c, dtype=torch.float64) if isinstance(c, numbers.Number) else \
+        c.detach().to("cpu", torch.float64)
     if t.numel() == 1:
         return t.reshape(()), None
     if t.ndim > len(shape):

@@ -69,7 +69,8 @@ def fold_affine_before(W, b, groups, s, t):
     b2 = _bias(b, W)
     if t is None:
         return W2, b2
-    taps = Wg.flatten(3).sum(3) if W.ndim > 2 else Wg  # [g, out/g, in/g]
+    one_tap = W.ndim == 2 or math.prod(W.shape[2:]) == 1
+    taps = Wg.reshape(Wg.shape[:3]) if one_tap else Wg.flatten(3).sum(3)  # [g, out/g, in/g]
     if t.ndim == 0:
         return W2, b2 + taps.sum(2).reshape(-1) * t
     return W2, b2 + (taps @ t.reshape(groups, -1, 1)).reshape(-1)
