@@ -10,7 +10,8 @@ requires). The merge key itself is parallel_sum_pad's (imported, not copied).
 from __future__ import annotations
 
 from reparam.ops import Conv
-from reparam.terms import Term
+from reparam.rule import require
+from reparam.terms import Term, by_source, joins_outer_sum, rebuild, sum_terms
 
 from .parallel_sum_pad import _KEY_FIELDS
 
@@ -61,3 +62,32 @@ def uneven_shapes(terms: list[Term]) -> str | None:
         return None
     return f"convs of one input give shapes {sorted(uneven)}, which the sum broadcasts, so parallel_sum_pad " \
            f"will not merge this sum"
+
+
+def normalize_siblings(total, field: str, common, rewrite, verb: str):
+    """The sum ``total`` with sibling convs of one input that parallel_sum_pad will merge brought to one
+    value of ``field`` (``common(values)``, applied by ``rewrite(op, value)``); None if no siblings differ
+    in it. Refuses (``verb`` says what the rewrite would do) when siblings differ but will not merge."""
+    if joins_outer_sum(total):  # normalized where parallel_sum_pad merges: at the root of the sum tree
+        return None
+    terms = sum_terms(total)
+    unmerged = None
+    for group in by_source(terms):
+        convs = [t for t in group if isinstance(t.node.op, Conv) and len(t.node.users) == 1]
+        if len({getattr(t.node.op, field) for t in convs}) < 2:
+            continue
+        for same in clusters(convs):
+            values = {getattr(t.node.op, field) for t in same}
+            if len(values) < 2:
+                continue
+            uneven = uneven_shapes(terms)
+            require(uneven is None, f"{verb} would only enlarge the kernels: {uneven}")
+            target = common(values)
+            changed = {t.index: (rewrite(t.node.op, target)(t.source), t.coeff)
+                       for t in same if getattr(t.node.op, field) != target}
+            return rebuild(total, changed)
+        values = " vs ".join(map(str, sorted({getattr(t.node.op, field) for t in convs})))
+        unmerged = unmerged or (f"sibling convs of one input differ in {field} ({values}), but parallel_sum_pad "
+                                f"cannot merge them: {apart(convs)}; {verb} would only enlarge the kernels")
+    require(unmerged is None, unmerged or "")
+    return None
