@@ -272,17 +272,24 @@ def conv_nd(x, W, b, stride, pad, dilation, groups):
 GROUPED_CONV_CHUNK = 1 << 22  # elements of the windowed input materialized at once (32 MiB in float64)
 
 
-def grouped_conv(x, W, b, stride, dilation, groups):
-    """An unpadded grouped conv as one batched matmul per chunk of groups: the windows of ``x`` (a strided
-    view, ``Tensor.unfold`` per axis) times each group's kernel. The same sum as ``F.conv{nd}d``, but
-    without torch's per-group loop, which dominates its float64 CPU path for depthwise kernels
-    (10-50x slower than this on small inputs)."""
+def _grouped_geometry(x, W, stride, dilation, groups):
+    """nd, batch, input size, groups, input and output channels per group, kernel size, output size of an
+    unpadded grouped conv of ``x`` by ``W``."""
     nd = W.ndim - 2
     n, c, *size = x.shape
     g, m, p, k = groups, c // groups, W.shape[0] // groups, W.shape[2:]
     out = [(s - d * (kk - 1) - 1) // st + 1 for s, kk, d, st in zip(size, k, dilation, stride)]
     if any(o <= 0 for o in out):
         raise RuntimeError(f"input of spatial size {tuple(size)} is smaller than the kernel extent")
+    return nd, n, size, g, m, p, k, out
+
+
+def grouped_conv(x, W, b, stride, dilation, groups):
+    """An unpadded grouped conv as one batched matmul per chunk of groups: the windows of ``x`` (a strided
+    view, ``Tensor.unfold`` per axis) times each group's kernel. The same sum as ``F.conv{nd}d``, but
+    without torch's per-group loop, which dominates its float64 CPU path for depthwise kernels
+    (10-50x slower than this on small inputs)."""
+    nd, n, size, g, m, p, k, out = _grouped_geometry(x, W, stride, dilation, groups)
     u = x.reshape(n, g, m, *size)
     for a in range(nd):  # append one window axis per spatial axis: [n, g, m, *out, *extent]
         u = u.unfold(3 + a, dilation[a] * (k[a] - 1) + 1, stride[a])
@@ -304,12 +311,7 @@ def tapwise_conv(x, W, b, stride, dilation, groups):
     """An unpadded grouped conv as a sum over kernel taps: each tap's strided slice of ``x`` times that tap's
     weights, for all groups at once (an ``addcmul`` when each group reads one channel, a batched matmul
     otherwise). The same sum as ``F.conv{nd}d``; no windowed copy of the input, one op per tap."""
-    nd = W.ndim - 2
-    n, c, *size = x.shape
-    g, m, p, k = groups, c // groups, W.shape[0] // groups, W.shape[2:]
-    out = [(s - d * (kk - 1) - 1) // st + 1 for s, kk, d, st in zip(size, k, dilation, stride)]
-    if any(o <= 0 for o in out):
-        raise RuntimeError(f"input of spatial size {tuple(size)} is smaller than the kernel extent")
+    nd, n, size, g, m, p, k, out = _grouped_geometry(x, W, stride, dilation, groups)
     xg = x.reshape(n, g, m, *size)
     Wg = W.reshape(g, p, m, -1)
     y = x.new_zeros(n, g, p, *out)
