@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
@@ -53,16 +52,10 @@ def load_pt2(path: str | os.PathLike) -> torch.export.ExportedProgram:
 
 def save_pt2(ep: torch.export.ExportedProgram, path: str | os.PathLike) -> None:
     """Write ``ep`` to ``path`` atomically (a temporary file in the same folder, renamed into place)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp.pt2", dir=path.parent or ".")
-    os.close(fd)
-    try:
+    from .saving import atomic_path
+
+    with atomic_path(path) as tmp:
         torch.export.save(ep, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def count_program(ep_or_gm) -> Counts:
