@@ -475,8 +475,28 @@ def test_dynamic_batch_stays_dynamic():
 
 def test_verification_failure_raises():
     model = export(RepVGG(), (1, 8, 12, 12))
-    with pytest.raises(reparam.VerificationError):
-        reparam.fuse_onnx(model, tolerance=1e-15)
+    with pytest.raises(reparam.VerificationError, match="only the written model differs"):
+        reparam.fuse_onnx(model, tolerance=1e-12)  # met in float64, not by float32 onnxruntime on both sides
+
+
+def test_a_wrong_rule_fails_onnx_verification_and_points_at_the_rules():
+    from reparam.ops import Conv
+    from reparam.pattern import P, X
+
+    made = set()
+
+    @reparam.rule(P(Conv, X("x"), name="conv"), name="off_by_a_bit")
+    def off_by_a_bit(x, conv):
+        """conv → 1.01·conv, once per conv (deliberately wrong)."""
+        if id(conv.op.weight) in made:
+            return None
+        weight = conv.op.weight * 1.01
+        made.add(id(weight))
+        return conv.op.with_(weight=weight)(x)
+
+    model = export(RepVGG(), (1, 8, 12, 12))
+    with pytest.raises(reparam.VerificationError, match="disable the rule responsible"):
+        reparam.fuse_onnx(model, extra_rules=[off_by_a_bit], check=False)
 
 
 def test_bad_inputs_are_clear_errors(tmp_path):
