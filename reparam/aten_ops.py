@@ -76,7 +76,7 @@ def _mm(imp, n, a, bias=None, beta=1, alpha=1):
         return None
     weight = f64(w).t().contiguous() * float(alpha)
     return Linear(weight, None if b is None else f64(b).reshape(-1) * float(beta),
-                  dtype=w.dtype, device=w.device), [a["self"]]
+                  dtype=imp.dtype_of(a["mat2"]), device=w.device), [a["self"]]
 
 
 def _addmm(imp, n, a):

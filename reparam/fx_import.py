@@ -94,6 +94,7 @@ class _Importer:
         self.graph = Graph()
         self.env: dict[fx.Node, Node] = {}
         self.consts: dict[fx.Node, Any] = {}
+        self.const_dtypes: dict[fx.Node, torch.dtype] = {}  # a folded float constant's dtype in the model
         self.notes: list[str] = []
 
     # --- constants -------------------------------------------------------------------------
@@ -105,7 +106,27 @@ class _Importer:
             return a
         return None
 
+    def dtype_of(self, a) -> torch.dtype | None:
+        """The dtype the model computes a constant argument in (a folded constant is held in float64)."""
+        if isinstance(a, fx.Node) and a in self.const_dtypes:
+            return self.const_dtypes[a]
+        value = self.const(a)
+        return value.dtype if isinstance(value, torch.Tensor) else None
+
     def _fold_constant(self, n: fx.Node) -> Any:
+        """The value of ``n`` if it is computed from constants only. A floating-point result computed from
+        floating-point tensors is recomputed from their float64 values (what the float64 reference of the
+        model computes), and the dtype the model computes it in is kept aside (``dtype_of``)."""
+        value = self._run_on_constants(n, lambda v: v)
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != torch.float64 \
+                and n.op != "get_attr":
+            exact = self._run_on_constants(n, _to_float64)
+            if isinstance(exact, torch.Tensor) and exact.shape == value.shape and exact.dtype == torch.float64:
+                self.const_dtypes[n] = value.dtype
+                return exact
+        return value
+
+    def _run_on_constants(self, n: fx.Node, convert) -> Any:
         if n.op == "get_attr":
             obj: Any = self.gm
             for part in n.target.split("."):
@@ -117,8 +138,8 @@ class _Importer:
             return None
         if n.op == "call_method" and n.target.endswith("_"):
             return None
-        args = fx.map_arg(n.args, lambda x: self.consts[x])
-        kwargs = fx.map_arg(n.kwargs, lambda x: self.consts[x])
+        args = fx.map_arg(n.args, lambda x: convert(self.consts[x]))
+        kwargs = fx.map_arg(n.kwargs, lambda x: convert(self.consts[x]))
         try:
             with torch.no_grad():
                 if n.op == "call_function":
@@ -223,14 +244,14 @@ class _Importer:
             w, b = self.const(a["weight"]), self.const(a.get("bias"))
             if w is None or (a.get("bias") is not None and b is None):
                 return None
-            return conv_op(w, b, a.get("stride", 1), a.get("padding", 0), a.get("dilation", 1),
-                           a.get("groups", 1)), [a["input"]]
+            op = conv_op(w, b, a.get("stride", 1), a.get("padding", 0), a.get("dilation", 1), a.get("groups", 1))
+            return (None if op is None else op.with_(dtype=self.dtype_of(a["weight"]))), [a["input"]]
         if f in (F.linear, torch._C._nn.linear):
             a = dict(zip(("input", "weight", "bias"), args), **kwargs)
             w, b = self.const(a["weight"]), self.const(a.get("bias"))
             if w is None or (a.get("bias") is not None and b is None):
                 return None
-            return Linear(f64(w), f64(b), dtype=w.dtype, device=w.device), [a["input"]]
+            return Linear(f64(w), f64(b), dtype=self.dtype_of(a["weight"]), device=w.device), [a["input"]]
         if f in (F.batch_norm, torch.batch_norm):
             names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
             a = dict(zip(names, args), **kwargs)
@@ -240,7 +261,8 @@ class _Importer:
             w, b = self.const(a.get("weight")), self.const(a.get("bias"))
             if (a.get("weight") is not None and w is None) or (a.get("bias") is not None and b is None):
                 return None
-            return _bn_affine(rm, rv, w, b, a.get("eps", 1e-5), rm), [a["input"]]
+            return _bn_affine(rm, rv, w, b, a.get("eps", 1e-5), rm).with_(dtype=self.dtype_of(a["running_mean"])), \
+                [a["input"]]
         if f is F.pad or f is torch._C._nn.pad:
             a = dict(zip(("input", "pad", "mode", "value"), args), **kwargs)
             if a.get("mode", "constant") != "constant" or (a.get("value") or 0) != 0:
@@ -370,7 +392,7 @@ class _Importer:
         values, axis = per_axis
         one = torch.ones((), dtype=torch.float64)
         like = c if isinstance(c, torch.Tensor) else None
-        meta = dict(dtype=like.dtype if like is not None else None, device=like.device if like is not None else None)
+        meta = dict(dtype=self.dtype_of(a if x is b else b), device=like.device if like is not None else None)
         if f in add:  # x + α·c, or c + α·x
             if x is a:
                 return Affine(one, values * alpha, axis, **meta), [x]
@@ -386,6 +408,10 @@ class _Importer:
                 return None
             return Affine(1.0 / values, None, axis, **meta), [x]
         return None
+
+
+def _to_float64(v):
+    return v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
 
 
 def _per_axis(c, shape: tuple[int, ...], n: fx.Node):

@@ -303,3 +303,22 @@ def test_structure_copy_shares_tensors_and_nothing_else():
     assert model[0].table == {"a": [1, 2]} and model[0].cache == {}
     x = torch.randn(1, 3, 5, 5)
     torch.testing.assert_close(twin(x), model(x), rtol=0, atol=0)
+
+
+def test_constants_computed_from_parameters_are_folded_in_float64():
+    """``sigmoid(α)·(conv(x) − x)`` of a float32 model: the folded constant is the float64 value (what the
+    float64 reference computes), and the deploy model keeps float32."""
+    class Gated(nn.Module):
+        def __init__(self, c=4):
+            super().__init__()
+            self.conv = nn.Conv2d(c, c, 3, padding=1)
+            self.alpha = nn.Parameter(torch.randn(2, c))
+
+        def forward(self, x):
+            gate = torch.sigmoid(self.alpha).view(2, -1, 1, 1)
+            return x + gate[0] * (self.conv(x) - x) + gate[1] * x
+
+    model = Gated().eval()
+    fused, rep = reparam.fuse(model, torch.randn(1, 4, 8, 8), report=True)
+    assert rep.after.convs == 1 and rep.verification.error_fp64 <= 1e-12
+    assert all(p.dtype == torch.float32 for p in fused.parameters())
