@@ -6,6 +6,7 @@ normalizers (identity/avg-pool → conv, common dilation and grouping) and merge
 and last the folds forwards (an affine into the conv or Linear after it), which must not pre-empt
 the backward ones.
 """
+from .affine_before_flatten import affine_before_flatten
 from .affine_merge import affine_merge
 from .affine_through_pool import affine_through_pool
 from .avgpool_to_conv import avgpool_to_conv
@@ -28,6 +29,7 @@ DEFAULT_RULES = [
     sum_flatten,
     pad_fold,
     conv_bn_fold,
+    affine_before_flatten,
     affine_merge,
     concat_affine_split,
     scale_fold,

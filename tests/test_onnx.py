@@ -216,6 +216,17 @@ class Nested(nn.Module):
         return (self.a(x) + F.relu(x)) + self.b(x)
 
 
+class FlattenBN(nn.Module):
+    """A conv over the whole input ([N, C, 1, 1]), flattened, then BatchNorm1d: the BN folds into the conv."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(c, 6, 5), bn(6, 1)
+
+    def forward(self, x):
+        return self.bn(self.conv(x).flatten(1))
+
+
 class Gelu(nn.Module):
     """ONNX Runtime fuses the erf GELU into one kernel: its ½ must not be folded into the next conv."""
 
@@ -239,6 +250,7 @@ BLOCKS = {
     "linear_heads": (Heads, (1, 3, 12, 12), {"Conv": 1, "Relu": 1, "GlobalAveragePool": 1, "Flatten": 1, "Gemm": 1},
                      {"linear_sum", "affine_through_pool", "bn_prefold"}),
     "bn_after_concat": (CatBN, (1, 8, 12, 12), {"Conv": 2, "Concat": 1}, {"concat_affine_split", "conv_bn_fold"}),
+    "flatten_bn": (FlattenBN, (1, 8, 5, 5), {"Conv": 1, "Flatten": 1}, {"affine_before_flatten", "conv_bn_fold"}),
     "gelu": (Gelu, (1, 8, 12, 12), {"Conv": 2, "Constant": 3, "Div": 1, "Erf": 1, "Add": 1, "Mul": 2},
              {"conv_bn_fold"}),
     "nested_sum": (Nested, (1, 8, 12, 12), {"Conv": 1, "Relu": 1, "Add": 1}, {"sum_flatten", "parallel_sum_pad"}),

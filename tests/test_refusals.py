@@ -537,6 +537,32 @@ def test_affine_through_pool(fn, words):
     unchanged(report)
 
 
+def _scale_along_merged_axis(s, x):
+    return s.conv(x).flatten(1, 2) * s.rows
+
+
+def _flatten_of_activation(s, x):
+    return s.bn(torch.relu(s.fc(x)).flatten(0, 1))
+
+
+@pytest.mark.parametrize("fn, words", [(_scale_along_merged_axis, ("flattened axis",)),
+                                       (_flatten_of_activation, ())], ids=["merged-axis", "not-after-a-linear"])
+def test_affine_before_flatten(fn, words):
+    """A scale along the axis flatten(1, 2) made of channels × rows names no single axis before it; and a BN after
+    flattening an activation has no conv or Linear to fold into, so it stays where it is."""
+    if fn is _scale_along_merged_axis:
+        model = Fn(fn, buffers={"rows": torch.rand(4 * 7, 1) + 0.5}, conv=nn.Conv2d(4, 4, 3, padding=1))
+        shape = (2, 4, 7, 7)
+    else:
+        model = Fn(fn, fc=nn.Linear(4, 6), bn=bn(6, 1))
+        shape = (2, 3, 4)
+    _, _, report = fuse64(model, shape)
+    if words:
+        refused(report, "affine_before_flatten", *words)
+    not_fired(report, "affine_before_flatten")
+    unchanged(report)
+
+
 # ------------------------------------------------------------------------------------------- coverage
 def test_every_builtin_rule_has_a_negative_test():
     source = open(__file__).read()

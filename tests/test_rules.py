@@ -440,6 +440,38 @@ def test_affine_through_pool(data, form):
     assert n["bns"] == 0 and n["linears"] == 1
 
 
+@given(st.data(), st.sampled_from(["linear", "conv", "conv-1x1-map"]))
+def test_affine_before_flatten(data, producer):
+    """Linear over tokens → flatten(0, 1) → BatchNorm1d (LeViT's LinearNorm), conv → flatten(2) → a per-channel
+    scale, and a conv giving a 1×1 map → flatten(1) → BatchNorm1d: the affine moves before the flatten and
+    folds into the Linear or conv."""
+    c, fout = data.draw(st.integers(1, 8)), data.draw(st.integers(1, 8))
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            if producer == "linear":
+                self.f, self.bn = nn.Linear(c, fout), nn.BatchNorm1d(fout)
+            elif producer == "conv":
+                self.f, self.gamma = nn.Conv2d(c, fout, 3, padding=1), nn.Parameter(torch.rand(fout, 1) + 0.5)
+            else:
+                self.f, self.bn = nn.Conv2d(c, fout, 3), nn.BatchNorm1d(fout)
+
+        def forward(self, x):
+            if producer == "linear":
+                return self.bn(self.f(x).flatten(0, 1))
+            if producer == "conv":
+                return self.f(x).flatten(2) * self.gamma
+            return self.bn(self.f(x).flatten(1))
+
+    model = build(Block(), data.draw)
+    shape = {"linear": (2, data.draw(st.integers(1, 5)), c), "conv": (2, c, 5, 6), "conv-1x1-map": (2, c, 3, 3)}[
+        producer]
+    x = torch.randn(shape, dtype=torch.float64)
+    _, report, n = fuse_fired("affine_before_flatten", model, x, times=1)
+    assert report.fired_counts().get("conv_bn_fold") == 1 and n["bns"] == 0 and n["ops"] == 2
+
+
 # ------------------------------------------------------------------------------------------- random blocks
 @given(linear_blocks(nd=2))
 def test_random_linear_blocks_2d(case):
@@ -459,7 +491,7 @@ def test_random_linear_blocks_1d_3d(case):
 # ------------------------------------------------------------------------------------------- coverage
 TESTED = {"identity_elim", "sum_flatten", "pad_fold", "conv_bn_fold", "affine_merge", "concat_affine_split",
           "scale_fold", "identity_to_conv", "avgpool_to_conv", "dilated_to_dense", "groups_merge",
-          "parallel_sum_pad", "linear_sum", "serial_merge", "bn_prefold", "affine_through_pool"}
+          "parallel_sum_pad", "linear_sum", "serial_merge", "bn_prefold", "affine_through_pool", "affine_before_flatten"}
 
 
 def test_every_builtin_rule_has_a_property_test():
