@@ -1,6 +1,6 @@
 """RepNeXt exported to ONNX: the export as is → ``reparam.fuse_onnx`` → the export of the FX-fused model.
 
-    python -m benchmarks.onnx_bench [--variants m0,m1] [--exporters torchscript,dynamo] [--rounds 15] [--no-write]
+    python -m benchmarks.onnx_bench [--variants m0,m1] [--exporters torchscript,dynamo] [--rounds 40] [--no-write]
 
 Per variant (1000 classes, BatchNorm statistics randomized, 224×224, batch 1) and exporter (torch.onnx.export
 with dynamo=False, opset 17, or dynamo=True, opset 18; each with its default settings): ONNX node, Conv and
@@ -53,6 +53,8 @@ def session(model: onnx.ModelProto, threads: int = THREADS):
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
+    # sessions run interleaved: an idle session's pool must not spin on the cores the next one needs
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
     return lambda a: sess.run(None, {name: a})
@@ -115,7 +117,7 @@ def _parse(argv):
     p = argparse.ArgumentParser(prog="python -m benchmarks.onnx_bench", description=__doc__.splitlines()[0])
     p.add_argument("--variants", default="m0,m1", help="comma-separated RepNeXt variants (default m0,m1)")
     p.add_argument("--exporters", default=",".join(EXPORTERS), help="torchscript, dynamo or both (default)")
-    p.add_argument("--rounds", type=int, default=15, help="interleaved latency rounds (median; default 15)")
+    p.add_argument("--rounds", type=int, default=40, help="interleaved latency rounds (median; default 40: the 2-thread latencies are noisy)")
     p.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks-onnx.md alone")
     args = p.parse_args(argv)
     args.variants = [v.strip().lower() for v in args.variants.split(",") if v.strip()]
@@ -156,7 +158,9 @@ def main(argv=None) -> int:
         "defaults (torchscript: `dynamo=False, opset_version=17`, which already folds Conv+BN pairs; dynamo: "
         "`dynamo=True, opset_version=18`). `fuse_onnx` runs on that file with its default input shape "
         f"(1×3×{SIZE}×{SIZE}) and onnxruntime verification (its time is included). ORT latency: "
-        f"CPUExecutionProvider, ORT_ENABLE_ALL, {THREADS} intra-op threads, batch 1, {SIZE}×{SIZE}, median over "
+        f"CPUExecutionProvider, ORT_ENABLE_ALL, {THREADS} intra-op threads (spinning off: the sessions run "
+        f"interleaved, and an idle session's spinning pool would take the next one's cores), batch 1, "
+        f"{SIZE}×{SIZE}, median over "
         f"{args.rounds} rounds in which the three models run alternately (2 calls each); 'vs as is' is the "
         "ratio to the export as is in the same run. The same again with 1 intra-op thread: on a loaded "
         "machine a spinning 2-thread pool waits for CPU time, which inflates and blurs the 2-thread numbers "

@@ -56,6 +56,8 @@ def ort_session(model: torch.nn.Module, x: torch.Tensor, path: str):
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.intra_op_num_threads = THREADS
     opts.inter_op_num_threads = 1
+    # sessions run interleaved: an idle session's pool must not spin on the cores the next one needs
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
     return lambda a: sess.run(None, {"x": a})[0]
 
@@ -187,7 +189,8 @@ def main(argv=None) -> int:
         "twin; fp32 err: the fused float32 model in torch; ORT fp32 err: the exported fused model in ONNX "
         f"Runtime). Latencies: batch 1, {THREADS} threads, median over {args.rounds} rounds in which train and "
         "deploy models run alternately (2 calls each); ratio = deploy / train from the same run. ONNX: "
-        "`torch.onnx.export(dynamo=False, opset_version=17)`, ORT_ENABLE_ALL, 2 intra-op threads. MACs count "
+        "`torch.onnx.export(dynamo=False, opset_version=17)`, ORT_ENABLE_ALL, 2 intra-op threads (spinning off: "
+        "the two sessions run interleaved). MACs count "
         "Conv2d and Linear multiply-accumulates via forward hooks.",
         "",
         table,

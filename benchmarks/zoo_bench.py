@@ -30,11 +30,11 @@ from reparam.report import count_model
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks-zoo.md"
 THREADS = 2
 FORMS = ("training", "timm deploy", "reparam")
-NOTE = ('Reading the table: the verified fuse time is dominated by the end-to-end float64 check, which runs '
-        "the training model in float64; torch's CPU float64 path for grouped and depthwise convolutions loops"
-        ' over groups, so depthwise-heavy models (repvit, fastvit, mobileone) pay most. `verify=False` skips '
-        'it (the local float64 check of every rewrite still runs). Latencies in absolute terms are inflated '
-        "by the shared machine's load; compare the ratio column.")
+NOTE = ('Reading the table: the verified fuse time adds the end-to-end float64 check, which runs the '
+        'training model and the fused twin in float64 (torch\'s float64 CPU path for grouped and depthwise '
+        'convolutions is slow, so depthwise-heavy models pay most). `verify=False` skips it; the local float64 '
+        'check of every rewrite still runs. Absolute latencies depend on the machine\'s load (see above); the '
+        'ratio column comes from interleaved runs in one process.')
 
 
 def error(model: torch.nn.Module, x: torch.Tensor, want: list[torch.Tensor]) -> str:

@@ -91,6 +91,7 @@ class Engine:
                  stop_after: int | None = None):
         self._checks: checks.Checks | None = None
         self._threads: int | None = None
+        self._by_type: dict[type, list[Rule]] = {}
         self.rules = rules
         self.check = check
         self.max_rewrites = max_rewrites
@@ -158,11 +159,16 @@ class Engine:
                     queued.add(n.id)
         return self.log
 
+    def _rules_for(self, op_type: type) -> list[Rule]:
+        """The rules whose pattern can be rooted at an op of ``op_type``, in order (computed once per type)."""
+        found = self._by_type.get(op_type)
+        if found is None:
+            found = self._by_type[op_type] = [r for r in self.rules if r.root_types() is None
+                                              or issubclass(op_type, r.root_types())]
+        return found
+
     def _visit(self, graph: Graph, node: Node) -> list[Node] | None:
-        for rule in self.rules:
-            types = rule.root_types()
-            if types is not None and not isinstance(node.op, types):
-                continue
+        for rule in self._rules_for(type(node.op)):
             bound = rule.pattern(node)
             if bound is None:
                 continue
