@@ -214,14 +214,12 @@ def fuse(model: nn.Module, example_inputs=None, *, rules: Sequence[Rule] | None 
         t0 = time.perf_counter()
         if progress is not None:
             progress("verify")
-        with eval_mode(model):  # the twin shares the model's unchanged modules, which exporting puts in eval
-            rep.verification = _verify(model, fused, twin(), inputs, tolerance)
+        rep.verification = _verify(model, fused, twin(), inputs, tolerance)
         rep.seconds["verify"] = time.perf_counter() - t0
         if not rep.verification.passed:
             def right_after(k: int) -> bool:
                 partial, partial_twin = _rewrite(model, inputs, chosen, check, k, Report())
-                with eval_mode(model):
-                    return _verify(model, partial, partial_twin(), inputs, tolerance).passed
+                return _verify(model, partial, partial_twin(), inputs, tolerance).passed
 
             raise mismatch("model", rep, tolerance, right_after, lambda: _misread(model, inputs))
     elif not verify:
