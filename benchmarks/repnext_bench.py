@@ -105,7 +105,7 @@ def tables(rows: list[dict]) -> str:
                    f"| {r['macs'][0] / 1e9:.3f}G → {r['macs'][1] / 1e9:.3f}G | {_arrow(r['ops'])} "
                    f"| {_arrow(r['convs'])} | {_arrow(r['bns'])} | {r['fuse'][0]:.2f} s | {r['fuse'][1]:.2f} s "
                    f"| {r['err64']:.1e} | {r['err32']:.1e} | {r['ort_err']:.1e} |")
-    out += ["", f"| variant | torch eager train → deploy | ratio | ONNX Runtime train → deploy | ratio |",
+    out += ["", "| variant | torch eager train → deploy | ratio | ONNX Runtime train → deploy | ratio |",
             "|---|---|---|---|---|"]
     for r in rows:
         (et, ed), (ot, od) = r["eager"], r["ort"]

@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_unflatten
 
 from . import aten_ops
 from . import verify as verify_mod

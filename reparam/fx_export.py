@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .fx_import import FxOrigin
 from .ir import Graph, Node
-from .ops import (Affine, AvgPool, Cat, Conv, Flatten, Identity, Input, Linear, Mean, Op, Opaque, Pad, Slice,
+from .ops import (Affine, AvgPool, Cat, Conv, Flatten, Identity, Input, Linear, Mean, Op, Pad, Slice,
                   Sum, symmetric)
 
 

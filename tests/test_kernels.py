@@ -1,5 +1,4 @@
 """Property tests (float64) for reparam.kernels against torch.nn.functional convolutions."""
-import math
 
 import pytest
 import torch

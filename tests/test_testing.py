@@ -5,7 +5,6 @@ import pytest
 import torch
 import torch.nn as nn
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from reparam.testing import (BN, assert_equivalent, assert_fires, assert_refuses, bn_stats, conv_specs,
                              count_ops, linear_blocks, randomize_bn, set_bn_stats)
