@@ -10,6 +10,10 @@ Control-flow nodes keep their original attributes (subgraphs included) byte for 
 outer tensors by name, so each such tensor is written under its original name before the node: a new op
 computing it takes the name, and a value that ended up under another name gets an Identity to it. A
 name already bound to a different value is refused (never a model whose subgraph reads the wrong tensor).
+
+How a new op is written is its op kind's ONNX emitter (:mod:`reparam.core.vocabulary`); :class:`OnnxExporter` is
+the emitter's ``ctx``: ``node`` (a new node), ``const`` / ``ints`` (new initializers), ``deploy_dtype``,
+``input_rank``, ``opset``.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import torch
 
+from reparam.core import vocabulary as vocab
 from reparam.errors import ReparamError
 from reparam.core.ir import Graph, Node
 from reparam.frontends.onnx.importer import OnnxOrigin, subgraph_names
@@ -30,7 +35,9 @@ def _const_name_safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "._/:-" else "_" for c in name) or "fused"
 
 
-class _Exporter:
+class OnnxExporter:
+    """The writer of an ONNX graph; an emitter's ``ctx``."""
+
     def __init__(self, g: Graph, model: onnx.ModelProto):
         self.g, self.model = g, model
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
@@ -236,78 +243,6 @@ class _Exporter:
         self.nodes.append(gs.Node(op, self.fresh(f"{base}_{op}"), attrs or {}, inputs=list(inputs), outputs=[y]))
         return y
 
-    def emit_new(self, n: Node, xs: list[gs.Tensor]) -> gs.Tensor:
-        op, base, out = n.op, n.name or "fused", self.want.get(n.id)
-        dt = op.dtype or n.dtype or torch.float32
-        rank = n.inputs[0].rank if n.inputs else n.rank
-        if rank is None and isinstance(op, (Pad, Flatten)) or (
-                isinstance(op, Affine) and not op.is_scalar and (n.rank or rank) is None):
-            raise ReparamError(f"'{base}': the rank of the new {type(op).__name__} is unknown")
-        if isinstance(op, Conv):
-            if op.padding_mode != "zeros":
-                raise ReparamError(f"'{base}': ONNX Conv cannot pad with '{op.padding_mode}'")
-            inputs = [xs[0], self.const(f"{base}.weight", op.weight, dt)]
-            if op.bias is not None:
-                inputs.append(self.const(f"{base}.bias", op.bias, dt))
-            attrs = dict(kernel_shape=list(op.kernel_size), strides=list(op.stride), dilations=list(op.dilation),
-                         group=op.groups, pads=[lo for lo, _ in op.padding] + [hi for _, hi in op.padding])
-            return self.node("Conv", base, inputs, attrs, out)
-        if isinstance(op, Linear):
-            if rank == 2:
-                inputs = [xs[0], self.const(f"{base}.weight", op.weight, dt)]
-                if op.bias is not None:
-                    inputs.append(self.const(f"{base}.bias", op.bias, dt))
-                return self.node("Gemm", base, inputs, dict(transB=1), out)
-            y = self.node("MatMul", base, [xs[0], self.const(f"{base}.weight", op.weight.T.contiguous(), dt)],
-                          out=None if op.bias is not None else out)
-            if op.bias is None:
-                return y
-            return self.node("Add", base, [y, self.const(f"{base}.bias", op.bias, dt)], out=out)
-        if isinstance(op, Affine):
-            r = n.rank or rank or 0
-            has_shift = op.shift is not None and bool(op.shift.any())
-            y = xs[0]
-            if not bool((op.scale == 1).all()) or not has_shift:
-                y = self.node("Mul", base, [y, self.const(f"{base}.scale", op.broadcast(op.scale, r), dt)],
-                              out=None if has_shift else out)
-            if has_shift:
-                y = self.node("Add", base, [y, self.const(f"{base}.shift", op.broadcast(op.shift, r), dt)], out=out)
-            return y
-        if isinstance(op, Sum):
-            return self.emit_sum(op, base, xs, dt, out)
-        if isinstance(op, Pad):
-            k = len(op.pads)
-            pads = [0] * (rank - k) + [lo for lo, _ in op.pads] + [0] * (rank - k) + [hi for _, hi in op.pads]
-            return self.node("Pad", base, [xs[0], self.ints(f"{base}.pads", pads)], dict(mode="constant"), out)
-        if isinstance(op, AvgPool):
-            if op.divisor_override is not None or op.ceil_mode:
-                raise ReparamError(f"'{base}': this AvgPool has no ONNX AveragePool form")
-            attrs = dict(kernel_shape=list(op.kernel_size), strides=list(op.stride), pads=list(op.padding) * 2,
-                         count_include_pad=int(op.count_include_pad))
-            return self.node("AveragePool", base, [xs[0]], attrs, out)
-        if isinstance(op, Cat):
-            return self.node("Concat", base, xs, dict(axis=op.dim), out)
-        if isinstance(op, Slice):
-            inputs = [xs[0], self.ints(f"{base}.starts", [op.start]), self.ints(f"{base}.ends", [op.stop]),
-                      self.ints(f"{base}.axes", [op.dim]), self.ints(f"{base}.steps", [1])]
-            return self.node("Slice", base, inputs, None, out)
-        if isinstance(op, Mean):
-            if op.keepdim and rank and rank > 2 and tuple(sorted(d % rank for d in op.dims)) == tuple(range(2, rank)):
-                return self.node("GlobalAveragePool", base, [xs[0]], None, out)
-            if self.opset >= 18:
-                return self.node("ReduceMean", base, [xs[0], self.ints(f"{base}.axes", op.dims)],
-                                 dict(keepdims=int(op.keepdim)), out)
-            return self.node("ReduceMean", base, [xs[0]], dict(axes=list(op.dims), keepdims=int(op.keepdim)), out)
-        if isinstance(op, Flatten):
-            s, e = op.start_dim % rank, op.end_dim % rank
-            if s == 1 and e == rank - 1:
-                return self.node("Flatten", base, [xs[0]], dict(axis=1), out)
-            shape = [0] * s + [-1] + list(n.inputs[0].shape[e + 1:])
-            return self.node("Reshape", base, [xs[0], self.ints(f"{base}.shape", shape)], None, out)
-        if isinstance(op, Identity):
-            return self.node("Identity", base, [xs[0]], None, out) if out else xs[0]
-        raise ReparamError(f"cannot write a new {op!r} at '{base}' to ONNX")
-
     def emit_sum(self, op: Sum, base: str, xs, dt, out):
         terms = []
         for c, x in zip(op.coeffs, xs):
@@ -329,6 +264,137 @@ class _Exporter:
             acc = self.node("Add" if c > 0 else "Sub", base, [acc, x], out=out if k == len(terms) else None)
         return acc
 
+    @staticmethod
+    def deploy_dtype(n: Node) -> torch.dtype:
+        """The dtype the new op's tensors are written in."""
+        return n.op.dtype or n.dtype or torch.float32
+
+    @staticmethod
+    def input_rank(n: Node) -> int | None:
+        """The rank of the new op's first input (its own when it has none), None when unknown."""
+        return n.inputs[0].rank if n.inputs else n.rank
+
+    def emit_new(self, n: Node, xs: list[gs.Tensor]) -> gs.Tensor:
+        emitter = vocab.by_class(vocab.ONNX_EMITTERS, type(n.op))
+        if emitter is None:
+            raise ReparamError(f"cannot write a new {n.op!r} at '{n.name or 'fused'}' to ONNX: its op kind has no "
+                               f"ONNX emitter (register one with reparam.core.vocabulary.onnx_emitter)")
+        return emitter(self, n, n.op, xs, self.want.get(n.id))
+
+
+def _known_rank(n: Node, rank: int | None) -> int:
+    if rank is None:
+        raise ReparamError(f"'{n.name or 'fused'}': the rank of the new {type(n.op).__name__} is unknown")
+    return rank
+
+
+# --- the built-in emitters, registered like any other ---------------------------------------------------------
+@vocab.onnx_emitter(Conv)
+def _emit_conv(ctx: OnnxExporter, n: Node, op: Conv, xs, out):
+    base, dt = n.name or "fused", ctx.deploy_dtype(n)
+    if op.padding_mode != "zeros":
+        raise ReparamError(f"'{base}': ONNX Conv cannot pad with '{op.padding_mode}'")
+    inputs = [xs[0], ctx.const(f"{base}.weight", op.weight, dt)]
+    if op.bias is not None:
+        inputs.append(ctx.const(f"{base}.bias", op.bias, dt))
+    attrs = dict(kernel_shape=list(op.kernel_size), strides=list(op.stride), dilations=list(op.dilation),
+                 group=op.groups, pads=[lo for lo, _ in op.padding] + [hi for _, hi in op.padding])
+    return ctx.node("Conv", base, inputs, attrs, out)
+
+
+@vocab.onnx_emitter(Linear)
+def _emit_linear(ctx: OnnxExporter, n: Node, op: Linear, xs, out):
+    base, dt = n.name or "fused", ctx.deploy_dtype(n)
+    if ctx.input_rank(n) == 2:
+        inputs = [xs[0], ctx.const(f"{base}.weight", op.weight, dt)]
+        if op.bias is not None:
+            inputs.append(ctx.const(f"{base}.bias", op.bias, dt))
+        return ctx.node("Gemm", base, inputs, dict(transB=1), out)
+    y = ctx.node("MatMul", base, [xs[0], ctx.const(f"{base}.weight", op.weight.T.contiguous(), dt)],
+                 out=None if op.bias is not None else out)
+    if op.bias is None:
+        return y
+    return ctx.node("Add", base, [y, ctx.const(f"{base}.bias", op.bias, dt)], out=out)
+
+
+@vocab.onnx_emitter(Affine)
+def _emit_affine(ctx: OnnxExporter, n: Node, op: Affine, xs, out):
+    base, dt = n.name or "fused", ctx.deploy_dtype(n)
+    r = n.rank or ctx.input_rank(n)
+    if not op.is_scalar:
+        _known_rank(n, r)
+    r = r or 0
+    has_shift = op.shift is not None and bool(op.shift.any())
+    y = xs[0]
+    if not bool((op.scale == 1).all()) or not has_shift:
+        y = ctx.node("Mul", base, [y, ctx.const(f"{base}.scale", op.broadcast(op.scale, r), dt)],
+                     out=None if has_shift else out)
+    if has_shift:
+        y = ctx.node("Add", base, [y, ctx.const(f"{base}.shift", op.broadcast(op.shift, r), dt)], out=out)
+    return y
+
+
+@vocab.onnx_emitter(Sum)
+def _emit_sum(ctx: OnnxExporter, n: Node, op: Sum, xs, out):
+    return ctx.emit_sum(op, n.name or "fused", xs, ctx.deploy_dtype(n), out)
+
+
+@vocab.onnx_emitter(Pad)
+def _emit_pad(ctx: OnnxExporter, n: Node, op: Pad, xs, out):
+    base, rank = n.name or "fused", _known_rank(n, ctx.input_rank(n))
+    k = len(op.pads)
+    pads = [0] * (rank - k) + [lo for lo, _ in op.pads] + [0] * (rank - k) + [hi for _, hi in op.pads]
+    return ctx.node("Pad", base, [xs[0], ctx.ints(f"{base}.pads", pads)], dict(mode="constant"), out)
+
+
+@vocab.onnx_emitter(AvgPool)
+def _emit_avg_pool(ctx: OnnxExporter, n: Node, op: AvgPool, xs, out):
+    base = n.name or "fused"
+    if op.divisor_override is not None or op.ceil_mode:
+        raise ReparamError(f"'{base}': this AvgPool has no ONNX AveragePool form")
+    attrs = dict(kernel_shape=list(op.kernel_size), strides=list(op.stride), pads=list(op.padding) * 2,
+                 count_include_pad=int(op.count_include_pad))
+    return ctx.node("AveragePool", base, [xs[0]], attrs, out)
+
+
+@vocab.onnx_emitter(Cat)
+def _emit_cat(ctx: OnnxExporter, n: Node, op: Cat, xs, out):
+    return ctx.node("Concat", n.name or "fused", xs, dict(axis=op.dim), out)
+
+
+@vocab.onnx_emitter(Slice)
+def _emit_slice(ctx: OnnxExporter, n: Node, op: Slice, xs, out):
+    base = n.name or "fused"
+    inputs = [xs[0], ctx.ints(f"{base}.starts", [op.start]), ctx.ints(f"{base}.ends", [op.stop]),
+              ctx.ints(f"{base}.axes", [op.dim]), ctx.ints(f"{base}.steps", [1])]
+    return ctx.node("Slice", base, inputs, None, out)
+
+
+@vocab.onnx_emitter(Mean)
+def _emit_mean(ctx: OnnxExporter, n: Node, op: Mean, xs, out):
+    base, rank = n.name or "fused", ctx.input_rank(n)
+    if op.keepdim and rank and rank > 2 and tuple(sorted(d % rank for d in op.dims)) == tuple(range(2, rank)):
+        return ctx.node("GlobalAveragePool", base, [xs[0]], None, out)
+    if ctx.opset >= 18:
+        return ctx.node("ReduceMean", base, [xs[0], ctx.ints(f"{base}.axes", op.dims)],
+                        dict(keepdims=int(op.keepdim)), out)
+    return ctx.node("ReduceMean", base, [xs[0]], dict(axes=list(op.dims), keepdims=int(op.keepdim)), out)
+
+
+@vocab.onnx_emitter(Flatten)
+def _emit_flatten(ctx: OnnxExporter, n: Node, op: Flatten, xs, out):
+    base, rank = n.name or "fused", _known_rank(n, ctx.input_rank(n))
+    s, e = op.start_dim % rank, op.end_dim % rank
+    if s == 1 and e == rank - 1:
+        return ctx.node("Flatten", base, [xs[0]], dict(axis=1), out)
+    shape = [0] * s + [-1] + list(n.inputs[0].shape[e + 1:])
+    return ctx.node("Reshape", base, [xs[0], ctx.ints(f"{base}.shape", shape)], None, out)
+
+
+@vocab.onnx_emitter(Identity)
+def _emit_identity(ctx: OnnxExporter, n: Node, op: Identity, xs, out):
+    return ctx.node("Identity", n.name or "fused", [xs[0]], None, out) if out else xs[0]
+
 
 def _holds_graph(v) -> bool:
     return isinstance(v, gs.Graph) or (isinstance(v, (list, tuple)) and any(isinstance(x, gs.Graph) for x in v))
@@ -336,4 +402,4 @@ def _holds_graph(v) -> bool:
 
 def export_onnx(g: Graph, model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` rewritten as ``g`` says (``g`` was imported from ``model``)."""
-    return _Exporter(g, model).run()
+    return OnnxExporter(g, model).run()
