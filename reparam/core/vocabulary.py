@@ -21,7 +21,9 @@ raise TypeError/ValueError/IndexError/KeyError/AttributeError for an unexpected 
 The ``ctx`` objects are the front ends' importers and exporters; what they offer recognizers and emitters is
 documented on them (``reparam.frontends.fx.importer.FxImporter``, ``...fx.exporter.FxExporter``,
 ``...onnx.importer.OnnxImporter``, ``...onnx.exporter.OnnxExporter``) and in docs/writing-rules.md.
-A later registration for the same key replaces the earlier one (a user may override a built-in).
+A recognizer registered later for the same key is tried first; when it returns None the earlier one is tried
+(a user's recognizer may handle some calls of a built-in target and leave the others). An emitter registered later
+for the same op class replaces the earlier one.
 """
 from __future__ import annotations
 
@@ -36,12 +38,20 @@ FX_EMITTERS: dict[type, Callable] = {}
 ONNX_EMITTERS: dict[type, Callable] = {}
 
 
-def _register(table: dict, keys, fn: Callable | None):
+def _register(table: dict, keys, fn: Callable | None, chain: bool = True):
     def add(f: Callable) -> Callable:
         for k in keys:
-            table[k] = f
+            table[k] = _first_of(f, table[k]) if chain and k in table else f
         return f
     return add if fn is None else add(fn)
+
+
+def _first_of(new: Callable, old: Callable) -> Callable:
+    """A recognizer trying ``new``, then ``old`` when ``new`` gives None."""
+    def recognize(*args):
+        found = new(*args)
+        return found if found is not None else old(*args)
+    return recognize
 
 
 def fx_module(*classes: type, fn: Callable | None = None):
@@ -68,7 +78,7 @@ def aten(*overloads, fn: Callable | None = None):
     """Register ``fn(ctx, node, a)`` for ATen ``overloads`` (``torch.ops.aten.x.y``); ``a``: arguments by name."""
     def add(f: Callable) -> Callable:
         for o in overloads:
-            FX_FUNCTIONS[o] = _by_schema(o, f)
+            _register(FX_FUNCTIONS, [o], _by_schema(o, f))
         return f
     return add if fn is None else add(fn)
 
@@ -80,12 +90,12 @@ def onnx_op(*op_types: str, domain: str = "", fn: Callable | None = None):
 
 def fx_emitter(op_class: type, fn: Callable | None = None):
     """Register ``fn(ctx, node, op, xs)`` as the FX writer of new ops of ``op_class`` (and its subclasses)."""
-    return _register(FX_EMITTERS, [op_class], fn)
+    return _register(FX_EMITTERS, [op_class], fn, chain=False)
 
 
 def onnx_emitter(op_class: type, fn: Callable | None = None):
     """Register ``fn(ctx, node, op, xs, out)`` as the ONNX writer of new ops of ``op_class`` (and subclasses)."""
-    return _register(ONNX_EMITTERS, [op_class], fn)
+    return _register(ONNX_EMITTERS, [op_class], fn, chain=False)
 
 
 # --- lookups (the front ends') ----------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from reparam.math import kernels
 from reparam.core import vocabulary as vocab
+import reparam.rules  # noqa: F401  (the built-in op kinds beyond the core vocabulary register themselves)
 from reparam.frontends.fx.capture import has_hooks
 from reparam.core.ir import Graph, Node
 from reparam.core.ops import (Affine, AvgPool, Cat, Conv, Flatten, Identity, Input, Linear, Mean, Opaque, Pad, Slice, Sum, f64)

@@ -28,6 +28,7 @@ import torch
 
 from reparam.math import kernels
 from reparam.core import vocabulary as vocab
+import reparam.rules  # noqa: F401  (the built-in op kinds beyond the core vocabulary register themselves)
 from reparam.errors import ReparamError
 from reparam.core.ir import Graph, Node
 from reparam.frontends.onnx.shapes import Shape, infer, value_infos, with_known
