@@ -20,6 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from reparam.core import vocabulary as vocab
+from reparam.core.checks import check_shapes, random_input
+from reparam.errors import ExportError
 from reparam.frontends.fx.nodes import FxOrigin
 from reparam.core.ir import Graph, Node
 from reparam.core.ops import (Affine, AvgPool, Cat, Conv, Flatten, Identity, Input, Linear, Mean, Op, Pad, Slice, Sum, symmetric)
@@ -29,6 +31,9 @@ def _cast(t: torch.Tensor | None, op: Op) -> torch.Tensor | None:
     if t is None:
         return None
     return t.to(device=op.device or "cpu", dtype=op.dtype or torch.float32)
+
+
+_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}  # of the self-check, by deploy dtype (else 1e-2)
 
 
 def _in_dtype(op: Op, dtype: torch.dtype | None) -> Op:
@@ -92,8 +97,9 @@ class _Namer:
 class FxExporter:
     """The writer of an FX graph; an emitter's ``ctx``."""
 
-    def __init__(self, g: Graph, source: fx.GraphModule, dtype: torch.dtype | None, copy_modules: bool):
-        self.g, self.source, self.dtype = g, source, dtype
+    def __init__(self, g: Graph, source: fx.GraphModule, dtype: torch.dtype | None, copy_modules: bool,
+                 self_check: bool = True):
+        self.g, self.source, self.dtype, self.self_check = g, source, dtype, self_check
         self.memo: dict | None = {} if copy_modules else None  # one memo: tied modules stay tied
         self.out = fx.Graph()
         self.attrs: dict[str, Any] = {}
@@ -161,7 +167,57 @@ class FxExporter:
             if o.node.op == "get_attr":
                 self.copied[o.node] = new
             return new
-        return self.emit_new(n, [self.env[i.id] for i in n.inputs])
+        xs = [self.env[i.id] for i in n.inputs]
+        last = next(iter(reversed(self.out.nodes)), None)
+        y = self.emit_new(n, xs)
+        if self.self_check:
+            self.check_emitted(n, xs, y, last)
+        return y
+
+    def check_emitted(self, n: Node, xs: list[fx.Node], y: fx.Node, last: fx.Node | None) -> None:
+        """Run the nodes just written for the new op ``n`` on random inputs against ``n.op.evaluate`` (float64);
+        raise ExportError when they differ. Skipped when the input shapes are unknown."""
+        new = []
+        for node in reversed(self.out.nodes):
+            if node is last:
+                break
+            new.append(node)
+        new.reverse()
+        shapes = check_shapes(n.inputs, [n.op])
+        if not new or shapes is None:
+            return
+        g, mapping = fx.Graph(), {}
+        for k, x in enumerate(xs):
+            if x not in mapping:
+                mapping[x] = g.placeholder(f"x{k}")
+        try:
+            for node in new:
+                mapping[node] = g.node_copy(node, lambda a: mapping[a])
+        except KeyError:  # the emitter read a value that is not an input of the op: nothing to check alone
+            return
+        g.output(mapping[y])
+        root = {node.target: self.attrs[node.target] for node in new if node.op in ("call_module", "get_attr")}
+        probe = fx.GraphModule(root, g)
+        op = _in_dtype(n.op, self.dtype)
+        dtype = op.dtype or (n.dtype if n.dtype is not None and n.dtype.is_floating_point else torch.float32)
+        gen = torch.Generator().manual_seed(0)
+        inputs = [random_input(s, gen) for s in shapes]
+        detail = None
+        with torch.no_grad():
+            want = n.op.evaluate(*inputs)
+            try:
+                got = probe(*[x.to(device=op.device or "cpu", dtype=dtype) for x in inputs])
+            except Exception as err:
+                detail = f"they fail to run: {type(err).__name__}: {err}"
+            else:
+                if not isinstance(got, torch.Tensor) or tuple(got.shape) != tuple(want.shape):
+                    detail = f"output shape {tuple(getattr(got, 'shape', ()))} instead of {tuple(want.shape)}"
+                else:
+                    err = float((got.to("cpu", torch.float64) - want).abs().max() / want.abs().max().clamp_min(1e-30))
+                    if not err <= _TOLERANCE.get(dtype, 1e-2):
+                        detail = f"relative error {err:.3g} on random inputs"
+        if detail is not None:
+            raise ExportError("FX", repr(n.op), n.name, detail)
 
     def emit_split_item(self, n: Node) -> fx.Node:
         getitem = n.origin.node
@@ -281,9 +337,12 @@ def _emit_identity(ctx: FxExporter, n: Node, op: Identity, xs):
 
 
 def export_fx(g: Graph, source: fx.GraphModule, dtype: torch.dtype | None = None,
-              copy_modules: bool = False) -> fx.GraphModule:
+              copy_modules: bool = False, self_check: bool = True) -> fx.GraphModule:
     """A GraphModule computing ``g``; unchanged parts are ``source``'s own modules (or copies of them).
 
-    New tensors take the dtype recorded on each op, or ``dtype`` when given (float64 for verification).
+    New tensors take the dtype recorded on each op, or ``dtype`` when given (float64 for verification). With
+    ``self_check`` the nodes written for each new op are run on small random inputs against the op's own
+    ``evaluate`` (float64), so an emitter bug raises :class:`reparam.errors.ExportError` naming the op and the
+    exporter, instead of failing the end-to-end verification as if a rule were wrong.
     """
-    return FxExporter(g, source, dtype, copy_modules).run()
+    return FxExporter(g, source, dtype, copy_modules, self_check).run()

@@ -23,12 +23,25 @@ import onnx_graphsurgeon as gs
 import torch
 
 from reparam.core import vocabulary as vocab
-from reparam.errors import ReparamError
+from reparam.core.checks import check_shapes, random_input
+from reparam.errors import ExportError, ReparamError
 from reparam.core.ir import Graph, Node
 from reparam.frontends.onnx.importer import OnnxOrigin, subgraph_names
 from reparam.core.ops import Affine, AvgPool, Cat, Conv, Flatten, Identity, Input, Linear, Mean, Pad, Slice, Sum
 
 _NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64}
+_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}  # of the self-check, by deploy dtype (else 1e-2)
+
+
+def _run(model: onnx.ModelProto, feeds: dict) -> list:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.intra_op_num_threads = opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)
 
 
 def _const_name_safe(name: str) -> str:
@@ -38,8 +51,9 @@ def _const_name_safe(name: str) -> str:
 class OnnxExporter:
     """The writer of an ONNX graph; an emitter's ``ctx``."""
 
-    def __init__(self, g: Graph, model: onnx.ModelProto):
-        self.g, self.model = g, model
+    def __init__(self, g: Graph, model: onnx.ModelProto, self_check: bool = True):
+        self.g, self.model, self.self_check = g, model, self_check
+        self.probes: list[tuple[Node, list[gs.Tensor], gs.Tensor, list[gs.Node]]] = []
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
         graph = model.graph
         self.taken: set[str] = {i.name for i in graph.initializer} | {i.name for i in graph.input} | \
@@ -134,6 +148,8 @@ class OnnxExporter:
                 self.nodes.append(gs.Node("Identity", self.fresh(f"{name}_identity"), inputs=[t], outputs=[out]))
                 t = out
             outputs.append(t)
+        if self.self_check:
+            self.check_emitted()
         return self.finish(inputs, outputs)
 
     def finish(self, inputs, outputs) -> onnx.ModelProto:
@@ -168,9 +184,76 @@ class OnnxExporter:
         if isinstance(o, OnnxOrigin):
             t = self.emit_original(n, o)
         else:
-            t = self.emit_new(n, [self.emit(i) for i in n.inputs])
+            xs = [self.emit(i) for i in n.inputs]
+            before = len(self.nodes)
+            t = self.emit_new(n, xs)
+            if self.self_check and len(self.nodes) > before:
+                self.probes.append((n, xs, t, self.nodes[before:]))
         self.tensors[n.id] = t
         return t
+
+    def check_emitted(self) -> None:
+        """Run the nodes written for each new op (all in one onnxruntime session, each op on its own random
+        inputs) against the op's own ``evaluate`` (float64); raise ExportError for the first that differs."""
+        cases, nodes, inits, inputs, outputs = [], [], [], [], []
+        for k, (n, xs, y, emitted) in enumerate(self.probes):
+            shapes = check_shapes(n.inputs, [n.op])
+            dtype = self.deploy_dtype(n)
+            if shapes is None or dtype not in _NUMPY or any(not isinstance(x, gs.Variable) for x in xs):
+                continue
+            prefix = f"check{k}/"
+            part = gs.export_onnx(gs.Graph(nodes=emitted, opset=self.opset), do_type_check=False).graph
+            inside = {o for node in part.node for o in node.output} | {i.name for i in part.initializer}
+            names = [x.name for x in xs]
+            if any(i and i not in inside and i not in names for node in part.node for i in node.input):
+                continue  # the nodes read a value that is not an input of the op: nothing to check alone
+            for node in part.node:
+                node.name = prefix + node.name
+                node.input[:] = [prefix + i if i else i for i in node.input]
+                node.output[:] = [prefix + o if o else o for o in node.output]
+            for init in part.initializer:
+                init.name = prefix + init.name
+            nodes += part.node
+            inits += part.initializer
+            gen = torch.Generator().manual_seed(k)
+            values = [random_input(s, gen) for s in shapes]
+            elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(_NUMPY[dtype]))
+            feeds = {}
+            for name, s_, v in zip(names, shapes, values):
+                if prefix + name not in feeds:
+                    inputs.append(onnx.helper.make_tensor_value_info(prefix + name, elem, list(s_)))
+                    feeds[prefix + name] = v.numpy().astype(_NUMPY[dtype])
+            outputs.append(onnx.helper.make_tensor_value_info(prefix + y.name, elem, None))
+            cases.append((n, feeds, n.op.evaluate(*values), dtype))
+        if not cases:
+            return
+        graph = onnx.helper.make_graph(nodes, "self_check", inputs, outputs, inits)
+        model = onnx.helper.make_model(graph, opset_imports=list(self.model.opset_import), ir_version=self.model.ir_version)
+        feeds = {k: v for _, f, _, _ in cases for k, v in f.items()}
+        try:
+            got = _run(model, feeds)
+        except Exception as err:
+            for n, f, want, dtype in cases:  # which one: run them alone
+                self.probe_alone(model, n, f, err)
+            raise ExportError("ONNX", "op", "?", f"onnxruntime cannot run them: {err}") from err
+        for (n, _, want, dtype), y in zip(cases, got):
+            y = np.asarray(y, dtype=np.float64)
+            if y.shape != tuple(want.shape):
+                raise ExportError("ONNX", repr(n.op), n.name, f"output shape {y.shape} instead of {tuple(want.shape)}")
+            err = float(np.abs(y - want.numpy()).max() / max(float(want.abs().max()), 1e-30))
+            if not err <= _TOLERANCE.get(dtype, 1e-2):
+                raise ExportError("ONNX", repr(n.op), n.name, f"relative error {err:.3g} on random inputs")
+
+    def probe_alone(self, model: onnx.ModelProto, n: Node, feeds: dict, cause: Exception) -> None:
+        """Raise ExportError naming ``n`` if its part of the self-check model cannot run on its own."""
+        prefix = next(iter(feeds)).split("/")[0] + "/"
+        out = [o for o in model.graph.output if o.name.startswith(prefix)]
+        sub = onnx.utils.Extractor(model).extract_model([i.name for i in model.graph.input if i.name in feeds],
+                                                        [o.name for o in out])
+        try:
+            _run(sub, feeds)
+        except Exception as err:
+            raise ExportError("ONNX", repr(n.op), n.name, f"onnxruntime cannot run them: {err}") from err
 
     def original(self, name: str) -> gs.Tensor:
         """The tensor an unchanged node read by this name (a constant input that is not an IR input)."""
@@ -400,6 +483,8 @@ def _holds_graph(v) -> bool:
     return isinstance(v, gs.Graph) or (isinstance(v, (list, tuple)) and any(isinstance(x, gs.Graph) for x in v))
 
 
-def export_onnx(g: Graph, model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model`` rewritten as ``g`` says (``g`` was imported from ``model``)."""
-    return OnnxExporter(g, model).run()
+def export_onnx(g: Graph, model: onnx.ModelProto, self_check: bool = True) -> onnx.ModelProto:
+    """``model`` rewritten as ``g`` says (``g`` was imported from ``model``). With ``self_check`` the nodes written
+    for every new op are run in onnxruntime on small random inputs against the op's own ``evaluate``, so an
+    emitter bug raises :class:`reparam.errors.ExportError` naming the op and the exporter."""
+    return OnnxExporter(g, model, self_check).run()

@@ -114,6 +114,11 @@ def subgraph_names(node: onnx.NodeProto) -> set[str]:
     return names
 
 
+def node_proto(n: gs.Node, opset: int) -> onnx.NodeProto:
+    """The NodeProto of one onnx-graphsurgeon node (through the public ``gs.export_onnx``)."""
+    return gs.export_onnx(gs.Graph(nodes=[n], opset=opset), do_type_check=False).graph.node[0]
+
+
 def _attr(node: gs.Node, name: str, default=None):
     v = node.attrs.get(name, default)
     return v.decode() if isinstance(v, bytes) else v
@@ -285,9 +290,8 @@ class OnnxImporter:
             return
         try:
             from onnx.reference import ReferenceEvaluator
-            from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
-            proto = OnnxExporter.export_node(n)
+            proto = node_proto(n, self.opset)
             feeds = {t.name: self.const(t) for t in inputs}
             results = ReferenceEvaluator(proto, opsets={"": self.opset}).run(None, feeds)
         except Exception:
