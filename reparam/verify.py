@@ -103,12 +103,24 @@ def _f64(x):
     return x
 
 
+def _needs_f64(x) -> bool:
+    return isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != torch.float64
+
+
 class Float64Stream(TorchFunctionMode):
     """While active, every operation reads its floating-point tensor arguments (parameters, buffers,
     constants) as float64 copies made for that operation alone; ``t.dtype`` of a floating-point tensor
     reads float64. In-place operations are left alone (their target must stay the tensor it is), and so are
     reads of metadata. The same arithmetic as running on a float64 copy of the model (float32/float16/bfloat16
-    values are exact in float64), with one operation's copies alive at a time."""
+    values are exact in float64), with one operation's copies alive at a time.
+
+    The copies of CPU tensors are written into one scratch buffer, reused from operation to operation (as
+    big as the largest operation's arguments): fresh memory is slow to touch, and a model's parameters are
+    read once per run. An output that would share the buffer (a view of an argument) is copied out."""
+
+    def __init__(self):
+        super().__init__()
+        self.scratch: torch.Tensor | None = None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -117,8 +129,35 @@ class Float64Stream(TorchFunctionMode):
             return torch.float64
         if name in _METADATA or _in_place(name, kwargs):
             return func(*args, **kwargs)
-        args, kwargs = tree_map(_f64, (args, kwargs))
-        return func(*args, **kwargs)
+        leaves, spec = tree_flatten((args, kwargs))
+        todo = [x for x in leaves if _needs_f64(x)]
+        if not todo:
+            return func(*args, **kwargs)
+        converted = self._convert(todo)
+        args, kwargs = spec.unflatten([converted.get(id(x), x) if _needs_f64(x) else x for x in leaves])
+        del converted, todo, leaves
+        out = func(*args, **kwargs)
+        if self.scratch is not None:
+            ptr = self.scratch.untyped_storage().data_ptr()
+            out = tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) and t.device.type == "cpu"
+                           and t.untyped_storage().data_ptr() == ptr else t, out)
+        return out
+
+    def _convert(self, tensors: list[torch.Tensor]) -> dict[int, torch.Tensor]:
+        unique = list({id(t): t for t in tensors}.values())
+        on_cpu = [t for t in unique if t.device.type == "cpu"]
+        need = sum(t.numel() for t in on_cpu)
+        if on_cpu and (self.scratch is None or self.scratch.numel() < need):
+            self.scratch = None  # free the old buffer first
+            self.scratch = torch.empty(need, dtype=torch.float64)
+        out, offset = {}, 0
+        for t in unique:
+            if t.device.type != "cpu":
+                out[id(t)] = t.detach().to(torch.float64)
+                continue
+            out[id(t)] = self.scratch[offset:offset + t.numel()].view(t.shape).copy_(t.detach())
+            offset += t.numel()
+        return out
 
 
 def _eval_view(model: nn.Module) -> nn.Module:
