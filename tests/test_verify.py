@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reparam import verify
+from reparam.frontends import verify
 from reparam.testing import linear_blocks
 
 
