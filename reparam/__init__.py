@@ -3,17 +3,38 @@
     import reparam
     deploy = reparam.fuse(model, example_inputs)                 # a numerically equivalent GraphModule
     deploy, report = reparam.fuse(model, example_inputs, report=True)
+
+The names below are imported on first use (PEP 562), so ``import reparam`` (and ``reparam --version``) does not
+import torch until something needs it.
 """
-from . import kernels, ops
-from .api import fuse
-from .errors import (CaptureError, FixpointError, ReparamError, RewriteMismatch, RuleError, VerificationError)
-from .ir import Expr, Graph, Node
-from .pattern import P, X
-from .registry import builtin_rules, load_rule_file, select_rules
-from .report import Report
-from .rule import Refusal, Rule, require, rule
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "fuse": ".api", "CaptureError": ".errors", "FixpointError": ".errors", "ReparamError": ".errors",
+    "RewriteMismatch": ".errors", "RuleError": ".errors", "VerificationError": ".errors", "Expr": ".ir",
+    "Graph": ".ir", "Node": ".ir", "P": ".pattern", "X": ".pattern", "builtin_rules": ".registry",
+    "load_rule_file": ".registry", "select_rules": ".registry", "Report": ".report", "Refusal": ".rule",
+    "Rule": ".rule", "require": ".rule", "rule": ".rule",
+}
+_SUBMODULES = {"kernels", "ops"}
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'reparam' has no attribute '{name}'")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY) | _SUBMODULES)
 
 
 def fuse_onnx(*args, **kwargs):
