@@ -63,6 +63,16 @@ def load_pt2(path: str | os.PathLike, *, trust: bool = False) -> torch.export.Ex
                            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
 
 
+def program_has_dynamic_batch(ep: torch.export.ExportedProgram) -> bool:
+    """The program's first user input has a symbolic first dimension."""
+    user = set(ep.graph_signature.user_inputs)
+    for node in ep.graph.nodes:
+        if node.op == "placeholder" and node.name in user:
+            val = node.meta.get("val")
+            return isinstance(val, torch.Tensor) and val.dim() >= 1 and isinstance(val.shape[0], torch.SymInt)
+    return False
+
+
 def pt2_unsafe_entry(data: bytes) -> str | None:
     """The first entry of a .pt2 archive that ``torch.export.load`` would unpickle with code able to run
     (described in words), or None. Not a zip, or not torch.export's format: None (the loader reports it)."""
