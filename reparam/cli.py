@@ -442,10 +442,10 @@ def _json_out(data: Any) -> None:
 
 
 def _load(model: str, trust: bool, weights: Path | None, args: list[str] | None, steps):
-    from .loading import check_finite, load_model, parse_args
+    from .loading import check_finite, check_request, load_model, parse_args
 
-    input_kind(model)  # unknown formats fail before anything is read
     factory_args = parse_args(args)
+    check_request(model, weights, factory_args)  # before anything is read
     with steps.step("load", f"loading {model}"):
         loaded = load_model(model, trust=trust, weights=weights, args=factory_args)
         check_finite(loaded)

@@ -93,10 +93,8 @@ def parse_args(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
-def load_model(spec: str, *, trust: bool = False, weights: str | os.PathLike | None = None,
-               args: dict[str, Any] | None = None) -> Loaded:
-    """Load what ``spec`` names (see the module docstring); ``weights`` go into a PyTorch module, ``args`` are
-    the factory's keyword arguments."""
+def check_request(spec: str, weights=None, args: dict | None = None) -> str:
+    """The input's kind, after checking that ``weights`` and factory ``args`` apply to it (nothing is read)."""
     kind = input_kind(spec)
     if weights is not None and kind in ("exported", "onnx"):
         what = "a torch.export program (.pt2)" if kind == "exported" else "an ONNX model"
@@ -104,6 +102,14 @@ def load_model(spec: str, *, trust: bool = False, weights: str | os.PathLike | N
     if args and kind != "factory":
         raise ReparamError("--arg passes keyword arguments to a factory (pkg.module:factory or timm:NAME); "
                            f"'{spec}' is a file")
+    return kind
+
+
+def load_model(spec: str, *, trust: bool = False, weights: str | os.PathLike | None = None,
+               args: dict[str, Any] | None = None) -> Loaded:
+    """Load what ``spec`` names (see the module docstring); ``weights`` go into a PyTorch module, ``args`` are
+    the factory's keyword arguments."""
+    kind = check_request(spec, weights, args)
     if kind == "factory":
         loaded = Loaded("module", _from_factory(spec, args or {}), spec)
     else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -66,13 +67,16 @@ def only_files(folder: Path) -> set[str]:
     return {p.name for p in folder.iterdir()}
 
 
+PHASE_LINE = re.compile(r"^\[\d\d:\d\d:\d\d\] (✓ )?\S")  # a phase's start or end in a log
+
+
 def assert_one_line_error(proc, rc: int, *needles: str) -> None:
     assert proc.returncode == rc, f"rc={proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     errors = [ln for ln in lines if ln.startswith("reparam: error:")]
     assert len(errors) == 1, proc.stderr
     assert "Traceback" not in proc.stderr and "\x1b" not in proc.stderr  # no traceback, no terminal codes
-    assert all(ln.startswith(("reparam: error:", "✓")) for ln in lines), proc.stderr
+    assert all(ln.startswith("reparam: error:") or PHASE_LINE.match(ln) for ln in lines), proc.stderr
     for needle in needles:
         assert needle in errors[0], errors[0]
 
@@ -395,7 +399,8 @@ def test_bad_input_is_one_line_exit_2_nothing_written(case, pickled, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == before  # nothing written or touched
     assert (tmp_path / "deploy.pt").read_text() == "the previous output"
     if case in EARLY:
-        assert "✓" not in proc.stderr, f"{case}: refused only after loading\n{proc.stderr}"
+        assert not any(PHASE_LINE.match(ln) for ln in proc.stderr.splitlines()), \
+            f"{case}: refused only after loading\n{proc.stderr}"
     if "-s" in args:
         assert "set the input shape" not in proc.stderr  # the hint only when no shape was given
 
@@ -410,19 +415,23 @@ def test_duplicate_rule_names_are_refused_in_the_python_api_too():
         reparam.fuse(tiny_repvgg(), X, extra_rules=[spec["my_conv_bn_fold"]])
 
 
-def test_verification_failure_exits_3_and_writes_nothing(pickled, tmp_path):
+def test_verification_failure_exits_3_writes_no_model_and_reports_the_error(pickled, tmp_path):
     out = tmp_path / "deploy.onnx"
     proc = run("fuse", pickled, "--trust", "-s", SHAPE, "-o", out, "--tolerance", "1e-30",
-               "--report", tmp_path / "r.json", check_rc=None)
+               "--report", tmp_path / "r.json", "--json", check_rc=None)
     assert_one_line_error(proc, 3, "verification failed", "first wrong rewrite")
-    assert only_files(tmp_path) == {"model.pt"}
+    assert only_files(tmp_path) == {"model.pt", "r.json"}  # the report, with the error; no model
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert doc == json.loads(proc.stdout)
+    assert doc["status"] == "error" and doc["error"]["code"] == 3 and doc["error"]["kind"] == "verification"
+    assert "first wrong rewrite" in doc["error"]["message"] and doc["schema_version"] == 1
 
 
 # ------------------------------------------------------------------------------------------- other commands
 
 def test_rules_lists_every_rule_with_its_identity():
     proc = run("rules", "--json")
-    listed = [(r["name"], r["identity"]) for r in json.loads(proc.stdout)]
+    listed = [(r["name"], r["identity"]) for r in json.loads(proc.stdout)["rules"]]
     assert listed == [(n, i) for n, i, _ in rule_catalogue()]
 
 

@@ -22,7 +22,7 @@ def test_rules_md_is_generated_from_the_rules():
 def test_reparam_rules_lists_the_catalogue():
     result = CliRunner().invoke(app, ["rules", "--json"])
     assert result.exit_code == 0, result.output
-    listed = [(e["name"], e["identity"]) for e in json.loads(result.stdout)]
+    listed = [(e["name"], e["identity"]) for e in json.loads(result.stdout)["rules"]]
     assert listed == [(name, identity) for name, identity, _ in rule_catalogue()]
     table = re.findall(r"^\| \d+ \| \[`(\w+)`\]\(#\w+\) \| (.*) \|$", (DOCS / "rules.md").read_text("utf-8"), re.M)
     assert [(n, i.replace("\\|", "|")) for n, i in table] == listed
@@ -88,7 +88,7 @@ def test_the_guides_command_lines_run(tmp_path, monkeypatch):
         assert result.exit_code == 0, f"{' '.join(command)}: {result.output}"
         doc = json.loads(result.stdout)
         if command[1] == "rules":
-            assert doc[0]["name"] == "pointwise_through_mean" and doc[0]["user"]
+            assert doc["rules"][0]["name"] == "pointwise_through_mean" and doc["rules"][0]["user"]
         elif command[1] == "fuse":
             assert doc["report"]["fired_counts"].get("pointwise_through_mean") == 1, doc["report"]
             assert doc["report"]["verification"]["passed"]
