@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
 def _usage_error_types() -> tuple[type, ...]:
     """click's ClickException (UsageError, BadParameter, …): typer ≥ 0.26 vendors click and derives them from
     typer.TyperException; older typer raises those of the click package."""
-    types: list[type] = [typer.TyperException]
+    types: list[type] = [t for t in [getattr(typer, "TyperException", None)] if t is not None]
     try:
         import click
 
@@ -540,7 +540,8 @@ def fuse(model: ModelArg,
             with steps.step("write", f"writing {output} ({fmt})"):
                 rep.notes.extend(write_model(fused, temps[:len(paths)], fmt, inputs, dynamic))
             with steps.step("check", f"checking the written {output.name}"):
-                checked = check_written(fused, temps[:len(paths)], fmt, inputs)
+                checked = check_written(fused, temps[:len(paths)], fmt, inputs,
+                                        progress=lambda done, total: steps.count(done, total, "checks"))
             run.fields["written"] = {"files": [str(p) for p in paths], "checked": checked}
             run.fields["report"] = rep.to_dict()
             doc = run.document("ok")

@@ -383,10 +383,11 @@ def written_tolerance(dtype: torch.dtype, fmt: str) -> float:
     return max(eps * (2000 if fmt == "onnx" else 200), 1e-12)
 
 
-def check_written(obj: Any, tmp: str | list[str], fmt: str, example_inputs: tuple | None) -> list[str]:
+def check_written(obj: Any, tmp: str | list[str], fmt: str, example_inputs: tuple | None,
+                  progress=None) -> list[str]:
     """Load the written file back and run it against the fused model ``obj`` on fresh random inputs of the
     example's shapes (and another batch size, where the file claims a dynamic one); ReparamError if it does
-    not load or differs. Returns what was checked, for the report."""
+    not load or differs. Returns what was checked, for the report. ``progress(done, total)`` counts the runs."""
     from . import verify as verify_mod
 
     temps = [tmp] if isinstance(tmp, str) else list(tmp)
@@ -413,7 +414,9 @@ def check_written(obj: Any, tmp: str | list[str], fmt: str, example_inputs: tupl
     checked = []
     dtype = next((t.dtype for t in inputs if isinstance(t, torch.Tensor) and t.is_floating_point()), torch.float32)
     tol = written_tolerance(dtype, fmt)
-    for probe in probes:
+    for k, probe in enumerate(probes):
+        if progress is not None:
+            progress(k, len(probes))
         with torch.no_grad():
             want = verify_mod.run(reference, probe)
             try:
