@@ -15,7 +15,7 @@ $(VENV)/.deps: pyproject.toml
 	touch $@
 
 install: $(VENV)/.deps
-	$(PY) -m pip install -q --no-deps --force-reinstall .
+	$(PY) -m pip install -q --no-deps -e .  # editable: tests and the demo run this tree
 
 demo: install
 	$(PY) -m examples.repnext.demo

@@ -28,7 +28,7 @@ import torch
 
 import reparam
 from examples.repnext.measure import build, latencies
-from reparam.onnx_backend import relative_error
+from reparam.frontends.onnx.backend import relative_error
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks-onnx.md"
 THREADS = 2

@@ -26,7 +26,7 @@ import torch
 
 import reparam
 from examples.repnext.measure import VARIANTS, build, count_macs, fp64_reference, latencies, median_time, relative_error
-from reparam.report import count_model
+from reparam.frontends.fx.counting import count_model
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- repnext-bench:begin -->", "<!-- repnext-bench:end -->"

@@ -3,7 +3,7 @@
     python -m benchmarks.zoo_bench [--models repvgg_a0,...] [--size 224] [--repeats 3] [--rounds 15] [--no-write]
 
 Per model (``pretrained=False``, eval, BatchNorm statistics and layer scales randomized, batch 1): conv / BN /
-Linear / op counts and parameters of the three forms (``reparam.report.count_model``: calls in the FX graph,
+Linear / op counts and parameters of the three forms (``reparam.core.report.count_model``: calls in the FX graph,
 the same function for all three); the relative error of each form against the float64 reference (the training
 model cast to float64), in float32 and when fused from a float64 copy; torch eager latency of the three (2
 threads, interleaved rounds in one process, medians) and the ratio ours / timm's; fuse time of
@@ -24,8 +24,8 @@ import torch
 import reparam
 from examples.repnext.measure import latencies, median_time
 from examples.zoo.timm_models import MODELS, build, timm_deploy
-from reparam import verify
-from reparam.report import count_model
+from reparam.frontends import verify
+from reparam.frontends.fx.counting import count_model
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks-zoo.md"
 THREADS = 2
@@ -102,7 +102,7 @@ def document(rows: list[dict], args, started: datetime.datetime, load: tuple[flo
         "hand-written `reparameterize`/`fuse` methods of each family); **reparam** is `reparam.fuse(model, x)` "
         "with the built-in rules and nothing specific to timm.",
         "",
-        "How counts are made: one function for all three forms, `reparam.report.count_model`. It traces the model "
+        "How counts are made: one function for all three forms, `reparam.core.report.count_model`. It traces the model "
         "with `torch.fx.symbolic_trace` and counts call nodes: *convs* are `call_module` nodes of `nn.Conv*` and "
         "calls of `F.conv*`; *BNs* are `call_module` nodes of any `_BatchNorm` subclass and calls of "
         "`F.batch_norm` (timm's `BatchNormAct2d` is traced through, so it counts as its `F.batch_norm`); "

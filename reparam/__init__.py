@@ -1,11 +1,13 @@
 """reparam: a structural-reparameterization compiler for PyTorch and ONNX.
 
     import reparam
-    deploy = reparam.fuse(model, example_inputs)                 # a numerically equivalent GraphModule
+    deploy = reparam.fuse(model, example_inputs)                 # a numerically equivalent model
     deploy, report = reparam.fuse(model, example_inputs, report=True)
 
-The names below are imported on first use (PEP 562), so ``import reparam`` (and ``reparam --version``) does not
-import torch until something needs it.
+The layers, each importing only those below it: ``reparam.math`` (kernel math) → ``reparam.core`` (ops, IR,
+patterns, rules, engine) → ``reparam.rules`` (the built-in rules) → ``reparam.frontends`` (torch.fx,
+torch.export, ONNX) → ``reparam.io`` (loading, saving) → ``reparam.cli``. The names below are loaded on first
+use, so ``import reparam`` (and ``reparam --version``) stays cheap.
 """
 from __future__ import annotations
 
@@ -13,44 +15,49 @@ import importlib
 
 __version__ = "0.1.0"
 
-_LAZY = {
-    "fuse": ".api", "CaptureError": ".errors", "FixpointError": ".errors", "ReparamError": ".errors",
-    "RewriteMismatch": ".errors", "RuleError": ".errors", "VerificationError": ".errors", "Expr": ".ir",
-    "Graph": ".ir", "Node": ".ir", "P": ".pattern", "X": ".pattern", "builtin_rules": ".registry",
-    "load_rule_file": ".registry", "select_rules": ".registry", "Report": ".report", "Refusal": ".rule",
-    "Rule": ".rule", "require": ".rule", "rule": ".rule",
+# public name -> (module, attribute; None for the module itself)
+_PUBLIC = {
+    "fuse": ("reparam.frontends.fx.backend", "fuse"),
+    "fuse_exported": ("reparam.frontends.aten.backend", "fuse_exported"),
+    "fuse_onnx": ("reparam.frontends.onnx.backend", "fuse_onnx"),
+    "rule": ("reparam.core.rule", "rule"),
+    "require": ("reparam.core.rule", "require"),
+    "Refusal": ("reparam.core.rule", "Refusal"),
+    "Rule": ("reparam.core.rule", "Rule"),
+    "P": ("reparam.core.pattern", "P"),
+    "X": ("reparam.core.pattern", "X"),
+    "Expr": ("reparam.core.expr", "Expr"),
+    "Graph": ("reparam.core.ir", "Graph"),
+    "Node": ("reparam.core.ir", "Node"),
+    "Report": ("reparam.core.report", "Report"),
+    "ops": ("reparam.core.ops", None),
+    "opmath": ("reparam.core.opmath", None),
+    "terms": ("reparam.core.terms", None),
+    "kernels": ("reparam.math.kernels", None),
+    "builtin_rules": ("reparam.frontends.rulesets", "builtin_rules"),
+    "select_rules": ("reparam.frontends.rulesets", "select_rules"),
+    "load_rule_file": ("reparam.core.registry", "load_rule_file"),
+    "ReparamError": ("reparam.errors", "ReparamError"),
+    "CaptureError": ("reparam.errors", "CaptureError"),
+    "FixpointError": ("reparam.errors", "FixpointError"),
+    "RewriteMismatch": ("reparam.errors", "RewriteMismatch"),
+    "RuleError": ("reparam.errors", "RuleError"),
+    "VerificationError": ("reparam.errors", "VerificationError"),
 }
-_SUBMODULES = {"kernels", "ops"}
+
+__all__ = sorted(_PUBLIC)
 
 
 def __getattr__(name: str):
-    if name in _SUBMODULES:
-        return importlib.import_module(f".{name}", __name__)
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'reparam' has no attribute '{name}'")
+    try:
+        module, attribute = _PUBLIC[name]
+    except KeyError:
+        raise AttributeError(f"module 'reparam' has no attribute '{name}'") from None
+    value = importlib.import_module(module)
+    value = value if attribute is None else getattr(value, attribute)
+    globals()[name] = value
+    return value
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_LAZY) | _SUBMODULES)
-
-
-def fuse_onnx(*args, **kwargs):
-    """Fuse an ONNX model (see :func:`reparam.onnx_backend.fuse_onnx`)."""
-    from .onnx_backend import fuse_onnx as _fuse_onnx
-
-    return _fuse_onnx(*args, **kwargs)
-
-
-def fuse_exported(*args, **kwargs):
-    """Fuse a torch.export program (see :func:`reparam.export_backend.fuse_exported`)."""
-    from .export_backend import fuse_exported as _fuse_exported
-
-    return _fuse_exported(*args, **kwargs)
-
-
-__all__ = ["fuse", "fuse_onnx", "fuse_exported", "rule", "require", "Refusal", "Rule", "P", "X", "ops", "kernels",
-           "Expr", "Graph", "Node", "builtin_rules", "load_rule_file", "select_rules", "Report", "ReparamError",
-           "CaptureError", "FixpointError", "RewriteMismatch", "RuleError", "VerificationError"]
+    return sorted(set(globals()) | set(_PUBLIC))

@@ -30,12 +30,13 @@ from hypothesis import strategies as st
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_map
 
-from . import verify as _verify
-from .api import fuse
-from .errors import ReparamError
-from .registry import builtin_rules
-from .report import Report, count_model
-from .rule import Rule
+from reparam.frontends import verify as _verify
+from reparam.frontends.fx.backend import fuse
+from reparam.errors import ReparamError
+from reparam.frontends.rulesets import builtin_rules
+from reparam.core.report import Report
+from reparam.frontends.fx.counting import count_model
+from reparam.core.rule import Rule
 
 __all__ = ["ConvSpec", "conv_specs", "bn_stats", "set_bn_stats", "randomize_bn", "randomize_params", "LinearBlockCase",
            "linear_blocks", "assert_equivalent", "assert_fires", "assert_refuses", "count_ops"]
@@ -427,7 +428,7 @@ def linear_blocks(draw, nd: int = 2, *, max_channels: int = 6, max_branches: int
 # assertions
 # --------------------------------------------------------------------------------------------------
 def count_ops(module: nn.Module) -> dict[str, int | None]:
-    """``{"ops", "convs", "bns", "linears", "params"}`` of ``module`` (see :func:`reparam.report.count_model`)."""
+    """``{"ops", "convs", "bns", "linears", "params"}`` of ``module`` (see :func:`reparam.core.report.count_model`)."""
     return asdict(count_model(module))
 
 

@@ -6,23 +6,23 @@ normalizers (identity/avg-pool → conv, common dilation and grouping) and merge
 and last the folds forwards (an affine into the conv or Linear after it), which must not pre-empt
 the backward ones.
 """
-from .affine_before_flatten import affine_before_flatten
-from .affine_merge import affine_merge
-from .affine_through_pool import affine_through_pool
-from .avgpool_to_conv import avgpool_to_conv
-from .bn_prefold import bn_prefold
-from .concat_affine_split import concat_affine_split
-from .conv_bn_fold import conv_bn_fold
-from .dilated_to_dense import dilated_to_dense
-from .groups_merge import groups_merge
-from .identity_elim import identity_elim
-from .identity_to_conv import identity_to_conv
-from .linear_sum import linear_sum
-from .pad_fold import pad_fold
-from .parallel_sum_pad import parallel_sum_pad
-from .scale_fold import scale_fold
-from .serial_merge import serial_merge
-from .sum_flatten import sum_flatten
+from reparam.rules.affine_before_flatten import affine_before_flatten
+from reparam.rules.affine_merge import affine_merge
+from reparam.rules.affine_through_pool import affine_through_pool
+from reparam.rules.avgpool_to_conv import avgpool_to_conv
+from reparam.rules.bn_prefold import bn_prefold
+from reparam.rules.concat_affine_split import concat_affine_split
+from reparam.rules.conv_bn_fold import conv_bn_fold
+from reparam.rules.dilated_to_dense import dilated_to_dense
+from reparam.rules.groups_merge import groups_merge
+from reparam.rules.identity_elim import identity_elim
+from reparam.rules.identity_to_conv import identity_to_conv
+from reparam.rules.linear_sum import linear_sum
+from reparam.rules.pad_fold import pad_fold
+from reparam.rules.parallel_sum_pad import parallel_sum_pad
+from reparam.rules.scale_fold import scale_fold
+from reparam.rules.serial_merge import serial_merge
+from reparam.rules.sum_flatten import sum_flatten
 
 DEFAULT_RULES = [
     identity_elim,

@@ -9,11 +9,11 @@ requires). The merge key itself is parallel_sum_pad's (imported, not copied).
 """
 from __future__ import annotations
 
-from reparam.ops import Conv
-from reparam.rule import require
-from reparam.terms import Term, by_source, joins_outer_sum, rebuild, sum_terms
+from reparam.core.ops import Conv
+from reparam.core.rule import require
+from reparam.core.terms import Term, by_source, joins_outer_sum, rebuild, sum_terms
 
-from .parallel_sum_pad import _KEY_FIELDS
+from reparam.rules.parallel_sum_pad import _KEY_FIELDS
 
 # the key fields the normalizers bring to a common value (groups_merge: groups, dilated_to_dense: dilation);
 # both are exempt for either rule, since a sibling may need both (a dilated depthwise conv beside a dense one)

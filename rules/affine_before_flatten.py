@@ -1,6 +1,6 @@
-from reparam.ops import Affine, Conv, Flatten, Linear
-from reparam.pattern import P, X
-from reparam.rule import require, rule
+from reparam.core.ops import Affine, Conv, Flatten, Linear
+from reparam.core.pattern import P, X
+from reparam.core.rule import require, rule
 
 
 @rule(P(Affine, P(Flatten, X("y"), name="flat"), name="bn"))

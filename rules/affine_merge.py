@@ -1,6 +1,6 @@
-from reparam.ops import Affine
-from reparam.pattern import P, X
-from reparam.rule import require, rule
+from reparam.core.ops import Affine
+from reparam.core.pattern import P, X
+from reparam.core.rule import require, rule
 
 
 @rule(P(Affine, P(Affine, X("x"), name="inner"), name="outer"))

@@ -1,6 +1,6 @@
-from reparam.ops import Affine, Conv, Flatten, Linear, Mean
-from reparam.pattern import P, X
-from reparam.rule import require, rule
+from reparam.core.ops import Affine, Conv, Flatten, Linear, Mean
+from reparam.core.pattern import P, X
+from reparam.core.rule import require, rule
 
 
 @rule(P((Mean, Flatten), P(Affine, X("x"), name="bn"), name="pool"))

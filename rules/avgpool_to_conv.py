@@ -1,8 +1,8 @@
-from reparam import opmath
-from reparam.ops import AvgPool, Conv, Sum
-from reparam.pattern import P, X
-from reparam.rule import require, rule
-from reparam.terms import affine_source
+from reparam.core import opmath
+from reparam.core.ops import AvgPool, Conv, Sum
+from reparam.core.pattern import P, X
+from reparam.core.rule import require, rule
+from reparam.core.terms import affine_source
 
 
 def _beside_conv(pool) -> bool:

@@ -1,6 +1,6 @@
-from reparam.ops import Affine, Cat, Conv
-from reparam.pattern import P
-from reparam.rule import require, rule
+from reparam.core.ops import Affine, Cat, Conv
+from reparam.core.pattern import P
+from reparam.core.rule import require, rule
 
 
 @rule(P(Affine, P(Cat, name="cat"), name="bn"))

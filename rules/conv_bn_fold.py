@@ -1,7 +1,7 @@
-from reparam import opmath
-from reparam.ops import Affine, Conv, Linear
-from reparam.pattern import P, X
-from reparam.rule import require, rule
+from reparam.core import opmath
+from reparam.core.ops import Affine, Conv, Linear
+from reparam.core.pattern import P, X
+from reparam.core.rule import require, rule
 
 
 @rule(P(Affine, P((Conv, Linear), X("x"), name="conv"), name="bn"))

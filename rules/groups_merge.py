@@ -1,11 +1,11 @@
 import math
 
-from reparam import opmath
-from reparam.ops import Sum
-from reparam.pattern import P
-from reparam.rule import rule
+from reparam.core import opmath
+from reparam.core.ops import Sum
+from reparam.core.pattern import P
+from reparam.core.rule import rule
 
-from ._mergeable import normalize_siblings
+from reparam.rules._mergeable import normalize_siblings
 
 
 @rule(P(Sum, name="total"))

@@ -1,6 +1,6 @@
-from reparam.ops import Affine, Identity, Sum
-from reparam.pattern import P, X
-from reparam.rule import rule
+from reparam.core.ops import Affine, Identity, Sum
+from reparam.core.pattern import P, X
+from reparam.core.rule import rule
 
 
 @rule(P((Identity, Affine, Sum), X("x"), name="node"))

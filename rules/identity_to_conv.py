@@ -1,8 +1,8 @@
-from reparam import opmath
-from reparam.ops import Conv, Sum
-from reparam.pattern import P
-from reparam.rule import rule
-from reparam.terms import affine_source, by_source, rebuild, sum_terms
+from reparam.core import opmath
+from reparam.core.ops import Conv, Sum
+from reparam.core.pattern import P
+from reparam.core.rule import rule
+from reparam.core.terms import affine_source, by_source, rebuild, sum_terms
 
 
 @rule(P(Sum, name="total"))

@@ -1,8 +1,8 @@
-from reparam import opmath
-from reparam.ops import Linear, Sum
-from reparam.pattern import P
-from reparam.rule import rule
-from reparam.terms import by_source, joins_outer_sum, rebuild, sum_terms
+from reparam.core import opmath
+from reparam.core.ops import Linear, Sum
+from reparam.core.pattern import P
+from reparam.core.rule import rule
+from reparam.core.terms import by_source, joins_outer_sum, rebuild, sum_terms
 
 
 @rule(P(Sum, name="total"))

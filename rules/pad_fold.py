@@ -1,6 +1,6 @@
-from reparam.ops import Conv, Pad
-from reparam.pattern import P, X
-from reparam.rule import require, rule
+from reparam.core.ops import Conv, Pad
+from reparam.core.pattern import P, X
+from reparam.core.rule import require, rule
 
 
 @rule(P(Conv, P(Pad, X("x"), name="pad"), name="conv"))

@@ -1,8 +1,8 @@
-from reparam import opmath
-from reparam.ops import Conv, Sum
-from reparam.pattern import P
-from reparam.rule import require, rule
-from reparam.terms import by_source, joins_outer_sum, rebuild, sum_terms
+from reparam.core import opmath
+from reparam.core.ops import Conv, Sum
+from reparam.core.pattern import P
+from reparam.core.rule import require, rule
+from reparam.core.terms import by_source, joins_outer_sum, rebuild, sum_terms
 
 
 _KEY_FIELDS = ("nd", "stride", "dilation", "groups", "padding_mode", "in_channels", "out_channels")

@@ -1,6 +1,6 @@
-from reparam.ops import Affine, Conv, Linear, Sum
-from reparam.pattern import P
-from reparam.rule import require, rule
+from reparam.core.ops import Affine, Conv, Linear, Sum
+from reparam.core.pattern import P
+from reparam.core.rule import require, rule
 
 
 @rule(P(Affine, P(Sum, name="total"), name="scale"))

@@ -1,10 +1,11 @@
 import math
 from types import SimpleNamespace
 
-from reparam import kernels, opmath
-from reparam.ops import Conv, Linear, Sum
-from reparam.pattern import P, X
-from reparam.rule import require, rule
+from reparam.math import kernels
+from reparam.core import opmath
+from reparam.core.ops import Conv, Linear, Sum
+from reparam.core.pattern import P, X
+from reparam.core.rule import require, rule
 
 
 def _absorbed_by_sibling(second, composite: Conv, x) -> bool:

@@ -1,7 +1,7 @@
-from reparam.ops import Sum
-from reparam.pattern import P
-from reparam.rule import rule
-from reparam.terms import nested_sum
+from reparam.core.ops import Sum
+from reparam.core.pattern import P
+from reparam.core.rule import rule
+from reparam.core.terms import nested_sum
 
 
 @rule(P(Sum, name="total"))

@@ -8,9 +8,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import reparam
-from reparam.ops import Conv
-from reparam.pattern import P, X
-from reparam.report import count_model
+from reparam.core.ops import Conv
+from reparam.core.pattern import P, X
+from reparam.frontends.fx.counting import count_model
 
 
 def randomize(module: nn.Module, seed: int = 0) -> nn.Module:
@@ -266,7 +266,7 @@ def test_an_affine_along_a_spatial_axis_is_checked_at_its_own_size():
 def test_a_misread_operation_is_blamed_on_the_capture_not_on_a_rule(monkeypatch):
     """When the graph is already wrong before any rewrite, no rule is named (bisecting would blame the first
     rewrite that touches the misread node)."""
-    from reparam import fx_import
+    from reparam.frontends.fx import importer as fx_import
 
     real = fx_import._bn_affine
     monkeypatch.setattr(fx_import, "_bn_affine", lambda *a: real(*a).with_(shift=None))
@@ -278,8 +278,8 @@ def test_a_misread_operation_is_blamed_on_the_capture_not_on_a_rule(monkeypatch)
 
 def test_a_correct_capture_has_no_misread_nodes():
     from examples.repnext.model import repnext_m0
-    from reparam.capture import capture
-    from reparam.import_check import misread_nodes
+    from reparam.frontends.fx.capture import capture
+    from reparam.frontends.fx.import_check import misread_nodes
 
     for model, x in [(randomize(repnext_m0(num_classes=10)).eval(), torch.randn(1, 3, 64, 64)),
                      (FunctionalBlock().eval(), torch.randn(1, 6, 9, 9))]:
@@ -288,7 +288,7 @@ def test_a_correct_capture_has_no_misread_nodes():
 
 
 def test_structure_copy_shares_tensors_and_nothing_else():
-    from reparam.capture import structure_copy
+    from reparam.frontends.fx.capture import structure_copy
 
     model = randomize(nn.Sequential(Caching(), nn.Conv2d(3, 3, 1), nn.utils.parametrizations.weight_norm(
         nn.Conv2d(3, 3, 1)))).eval()

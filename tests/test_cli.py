@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from reparam.catalogue import rule_catalogue
+from reparam.cli.catalogue import rule_catalogue
 from tests.cli_models import tiny_repvgg, two_inputs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -178,9 +178,9 @@ def test_only_and_disable_pick_rules(pickled, tmp_path):
 
 
 WRONG_RULE = '''
-from reparam.ops import Affine
-from reparam.pattern import P, X
-from reparam.rule import rule
+from reparam.core.ops import Affine
+from reparam.core.pattern import P, X
+from reparam.core.rule import rule
 
 
 @rule(P(Affine, X("x"), name="bn"))
@@ -204,9 +204,9 @@ def test_user_rule_file_is_tried_first_and_a_wrong_rule_fails_verification(pickl
 
 NEIGHBOUR_RULE = '''
 from helpers import nothing_to_do
-from reparam.ops import Affine
-from reparam.pattern import P, X
-from reparam.rule import rule
+from reparam.core.ops import Affine
+from reparam.core.pattern import P, X
+from reparam.core.rule import rule
 
 
 @rule(P(Affine, X("x"), name="bn"))
@@ -246,9 +246,9 @@ def test_a_guessed_input_shape_is_printed_and_a_factory_is_not_called_a_training
 
 
 RESTATE_RULE = '''
-from reparam.ops import Affine
-from reparam.pattern import P, X
-from reparam.rule import rule
+from reparam.core.ops import Affine
+from reparam.core.pattern import P, X
+from reparam.core.rule import rule
 
 
 @rule(P(Affine, X("x"), name="a"))
@@ -277,9 +277,9 @@ def test_pickled_module_without_trust_is_refused(pickled, tmp_path):
 NOT_RULES = 'RULES = ["conv_bn_fold"]  # names, not rules\n'
 
 DUPLICATE_RULE = '''
-from reparam.ops import Affine
-from reparam.pattern import P, X
-from reparam.rule import rule
+from reparam.core.ops import Affine
+from reparam.core.pattern import P, X
+from reparam.core.rule import rule
 
 
 @rule(P(Affine, X("x"), name="bn"), name="conv_bn_fold")
@@ -499,7 +499,7 @@ def test_sigterm_removes_the_temporary_file_and_exits_143(tmp_path):
 def test_docs_cover_every_command_and_option():
     import typer.main
 
-    from reparam.cli import app
+    from reparam.cli.app import app
 
     docs = (ROOT / "docs" / "cli.md").read_text()
     group = typer.main.get_command(app)
@@ -517,7 +517,7 @@ def test_docs_cover_every_command_and_option():
 
 
 def test_atomic_write_leaves_nothing_on_failure_and_keeps_the_old_file(tmp_path):
-    from reparam.saving import atomic_path
+    from reparam.io.saving import atomic_path
 
     target = tmp_path / "deploy.pt"
     target.write_text("old")
@@ -613,7 +613,7 @@ def test_progress_on_a_terminal_is_a_bar_with_stage_counts():
 
     from rich.console import Console
 
-    from reparam.cli_render import Steps
+    from reparam.cli.render import Steps
 
     buffer = io.StringIO()
     steps = Steps(Console(file=buffer, force_terminal=True, width=120), quiet=False, stages=3)

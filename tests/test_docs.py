@@ -9,15 +9,15 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from reparam.catalogue import render_markdown, rule_catalogue
-from reparam.cli import app
+from reparam.cli.catalogue import render_markdown, rule_catalogue
+from reparam.cli.app import app
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
 def test_rules_md_is_generated_from_the_rules():
     assert (DOCS / "rules.md").read_text(encoding="utf-8") == render_markdown(), \
-        "docs/rules.md is stale: regenerate it with `python -m reparam.catalogue --write`"
+        "docs/rules.md is stale: regenerate it with `python -m reparam.cli.catalogue --write`"
 
 
 def test_reparam_rules_lists_the_catalogue():
@@ -47,7 +47,7 @@ def _file_block(name: str) -> str:
 def test_every_python_block_of_the_guide_runs_and_its_rule_fires_on_its_target_block():
     import torch
 
-    from reparam.rule import Rule
+    from reparam.core.rule import Rule
     from reparam.testing import assert_fires, count_ops
 
     ns: dict = {"__name__": "writing_rules_guide"}

@@ -8,9 +8,9 @@ import torch.nn as nn
 
 import reparam
 from reparam import FixpointError
-from reparam.ops import Affine
-from reparam.pattern import P, X
-from reparam.rule import require, rule
+from reparam.core.ops import Affine
+from reparam.core.pattern import P, X
+from reparam.core.rule import require, rule
 from reparam.testing import count_ops, randomize_bn
 
 

@@ -18,11 +18,12 @@ import reparam
 from examples.repnext import repnext_m0
 from examples.repnext.utils import randomize_bn_stats
 from reparam.errors import CaptureError, ReparamError, VerificationError
-from reparam.export_backend import fuse_exported, is_core_aten, load_pt2, save_pt2
-from reparam.ops import Affine
-from reparam.pattern import P, X
-from reparam.report import count_model
-from reparam.rule import rule
+from reparam.frontends.aten.backend import fuse_exported, is_core_aten
+from reparam.io.pt2 import load_pt2, save_pt2
+from reparam.core.ops import Affine
+from reparam.core.pattern import P, X
+from reparam.frontends.fx.counting import count_model
+from reparam.core.rule import rule
 
 aten = torch.ops.aten
 CONVS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default}

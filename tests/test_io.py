@@ -30,7 +30,7 @@ def clean_pt2(tmp_path) -> Path:
 
 @pytest.mark.parametrize("where", ["sample_inputs", "weight"])
 def test_a_crafted_pt2_runs_code_in_torch_export_load_but_not_in_reparam(where, clean_pt2, tmp_path):
-    from reparam.export_backend import load_pt2
+    from reparam.io.pt2 import load_pt2
 
     bad, marker = tmp_path / "bad.pt2", tmp_path / "marker"
     craft(clean_pt2, bad, marker, where)
@@ -44,7 +44,7 @@ def test_a_crafted_pt2_runs_code_in_torch_export_load_but_not_in_reparam(where, 
 
 
 def test_a_clean_pt2_loads_without_trust(clean_pt2):
-    from reparam.export_backend import load_pt2, pt2_unsafe_entry
+    from reparam.io.pt2 import load_pt2, pt2_unsafe_entry
 
     assert pt2_unsafe_entry(clean_pt2.read_bytes()) is None
     with torch.no_grad():
@@ -59,7 +59,7 @@ def _fused():
 
 def test_the_py_format_loads_with_torch_alone_in_a_fresh_interpreter(tmp_path):
     """deploy.py + deploy.safetensors: no reparam, no unpickling, dynamic batch; safetensors reads the weights."""
-    from reparam.saving import save_model
+    from reparam.io.saving import save_model
 
     save_model(_fused(), tmp_path / "deploy.py", (X,))
     assert {p.name for p in tmp_path.iterdir()} == {"deploy.py", "deploy.safetensors"}
@@ -89,7 +89,7 @@ def test_the_py_format_loads_with_torch_alone_in_a_fresh_interpreter(tmp_path):
 
 def test_a_deploy_pt_loads_in_a_fresh_interpreter_without_reparam(tmp_path):
     """The pickle written for .pt needs torch only (and weights_only=False, as the docs say)."""
-    from reparam.saving import save_model
+    from reparam.io.saving import save_model
 
     save_model(_fused(), tmp_path / "deploy.pt", (X,))
     code = ("import sys, torch\n"
@@ -104,7 +104,7 @@ def test_a_deploy_pt_loads_in_a_fresh_interpreter_without_reparam(tmp_path):
 
 @pytest.mark.parametrize("fmt", ["onnx", "pt2", "py"])
 def test_exports_have_a_dynamic_batch(fmt, tmp_path):
-    from reparam.saving import save_model
+    from reparam.io.saving import save_model
 
     out = tmp_path / f"deploy.{fmt}"
     assert save_model(_fused(), out, (X,)) == []  # no note: the batch is dynamic
@@ -118,7 +118,7 @@ def test_exports_have_a_dynamic_batch(fmt, tmp_path):
     elif fmt == "pt2":
         got = torch.export.load(str(out)).module()(x4)
     else:
-        from reparam.pysource import load_python
+        from reparam.io.pysource import load_python
 
         got = load_python(str(out))(x4)
     with torch.no_grad():
@@ -128,7 +128,7 @@ def test_exports_have_a_dynamic_batch(fmt, tmp_path):
 def test_spatial_dims_can_be_dynamic_too(tmp_path):
     import onnx
 
-    from reparam.saving import save_model
+    from reparam.io.saving import save_model
 
     out = tmp_path / "deploy.onnx"
     save_model(_fused(), out, (X,), dynamic="spatial")
@@ -149,7 +149,7 @@ class FixedBatch(torch.nn.Module):
 
 def test_a_model_that_runs_at_one_batch_size_only_is_written_static_with_a_note(tmp_path):
     import reparam
-    from reparam.saving import save_model
+    from reparam.io.saving import save_model
 
     fused = reparam.fuse(FixedBatch().eval(), X)
     notes = save_model(fused, tmp_path / "deploy.onnx", (X,))
@@ -158,7 +158,7 @@ def test_a_model_that_runs_at_one_batch_size_only_is_written_static_with_a_note(
 
 def test_the_written_file_is_checked_before_it_is_put_in_place(tmp_path, monkeypatch):
     """A writer that produces something else (here: an ONNX file of another model) is caught; nothing written."""
-    from reparam import saving
+    from reparam.io import saving
 
     real = saving._export_onnx
 
@@ -179,7 +179,7 @@ def _perturb(m):
 
 
 def test_stale_partial_files_of_dead_runs_are_removed(tmp_path):
-    from reparam.saving import atomic_path
+    from reparam.io.saving import atomic_path
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -200,8 +200,8 @@ def test_stale_partial_files_of_dead_runs_are_removed(tmp_path):
 def test_a_full_disk_is_a_user_error_naming_the_file(failure, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from reparam import saving
-    from reparam.cli import app
+    from reparam.io import saving
+    from reparam.cli.app import app
 
     def full(*args, **kwargs):
         raise failure

@@ -1,11 +1,11 @@
-"""Property tests (float64) for reparam.kernels against torch.nn.functional convolutions."""
+"""Property tests (float64) for reparam.math.kernels against torch.nn.functional convolutions."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import assume, given, strategies as st
 
-from reparam import kernels as K
+from reparam.math import kernels as K
 
 DT = torch.float64
 

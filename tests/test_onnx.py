@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 
 import reparam
-from reparam.onnx_backend import relative_error, run_ort
+from reparam.frontends.onnx.backend import relative_error, run_ort
 
 warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
 GEN = torch.Generator().manual_seed(0)
@@ -492,8 +492,8 @@ def test_verification_failure_raises():
 
 
 def test_a_wrong_rule_fails_onnx_verification_and_points_at_the_rules():
-    from reparam.ops import Conv
-    from reparam.pattern import P, X
+    from reparam.core.ops import Conv
+    from reparam.core.pattern import P, X
 
     made = set()
 

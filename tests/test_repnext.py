@@ -23,7 +23,7 @@ import torch.nn as nn
 import reparam
 from examples.repnext.measure import build, fp64_reference, relative_error
 from examples.repnext.model import REPNEXT_CONFIGS, MetaNeXtBlock
-from reparam.report import count_model
+from reparam.frontends.fx.counting import count_model
 
 # Deploy parameter counts of the authors' hand-written fusion (1000 classes).
 AUTHORS_DEPLOY_PARAMS = {"m0": 2.33e6, "m1": 4.83e6, "m2": 6.47e6, "m3": 7.82e6, "m4": 13.34e6, "m5": 21.74e6}

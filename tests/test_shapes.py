@@ -8,9 +8,9 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 import reparam
 from examples.repnext.model import repnext_m0
-from reparam.capture import trace
-from reparam.fx_import import fx_dtype, fx_shape
-from reparam.shapes import attach_shapes
+from reparam.frontends.fx.capture import trace
+from reparam.frontends.fx.nodes import fx_dtype, fx_shape
+from reparam.frontends.fx.shapes import attach_shapes
 
 
 class Mixed(nn.Module):

@@ -1,7 +1,7 @@
 """timm's reparameterizable families fused with no model-specific code, at least as far as timm's own fuse.
 
 Each model is built untrained (nothing downloaded) with BatchNorm statistics and layer scales randomized.
-Counts are made the same way for both sides: ``reparam.report.count_model`` on the FX graph of our deploy
+Counts are made the same way for both sides: ``reparam.core.report.count_model`` on the FX graph of our deploy
 model and of ``timm.models.reparameterize_model``'s. Structure does not depend on the input size, so most
 models run at 32×32; repvgg_a0 runs at 224×224.
 """
@@ -14,8 +14,8 @@ import torch
 
 import reparam
 from examples.zoo.timm_models import MODELS, build, timm_deploy
-from reparam import verify
-from reparam.report import count_model
+from reparam.frontends import verify
+from reparam.frontends.fx.counting import count_model
 
 SIZES = {"repvgg_a0": 224}
 FP32_RTOL = 1e-5

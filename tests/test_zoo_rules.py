@@ -18,11 +18,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import reparam
-from reparam.capture import capture
+from reparam.frontends.fx.capture import capture
 from reparam.errors import VerificationError
-from reparam.fx_import import import_fx
-from reparam.fx_prune import prune_unused
-from reparam.report import count_model
+from reparam.frontends.fx.importer import import_fx
+from reparam.frontends.fx.prune import prune_unused
+from reparam.frontends.fx.counting import count_model
 
 
 def randomize(model: nn.Module, seed: int) -> nn.Module:
@@ -311,8 +311,8 @@ def test_serial_merge_predicts_the_composite_shape_without_building_it(data):
     """The shape serial_merge's cost guard uses is exactly the composed conv's (groups, stride, extent, MACs)."""
     import importlib
 
-    from reparam import opmath
-    from reparam.ops import Conv
+    from reparam.core import opmath
+    from reparam.core.ops import Conv
 
     serial_merge = importlib.import_module("rules.serial_merge")
     nd = data.draw(st.integers(1, 2))
@@ -348,7 +348,7 @@ class SharedAndConstant(nn.Module):
 
 
 def test_indexed_tracer_gives_the_torch_fx_graph():
-    from reparam.capture import trace
+    from reparam.frontends.fx.capture import trace
 
     model = SharedAndConstant().eval()
     ours, theirs = trace(model), fx.symbolic_trace(model)

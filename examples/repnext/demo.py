@@ -21,7 +21,7 @@ import torch
 import reparam
 from reparam.errors import ReparamError
 
-from .measure import VARIANTS, build, fp64_reference, latencies, relative_error
+from examples.repnext.measure import VARIANTS, build, fp64_reference, latencies, relative_error
 
 
 def _parse(argv):

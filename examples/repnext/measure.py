@@ -9,8 +9,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
-from . import model as repnext_model
-from .utils import randomize_bn_stats
+from examples.repnext import model as repnext_model
+from examples.repnext.utils import randomize_bn_stats
 
 VARIANTS = tuple(name.removeprefix("repnext_") for name in repnext_model.REPNEXT_CONFIGS)
 

@@ -1,0 +1,3 @@
+"""Layer 4, front ends: torch.fx (``fx``), torch.export / ATen (``aten``, built on ``fx``) and ONNX (``onnx``), each
+with the same parts: recognizers (source op → IR op), an importer, emitters, an exporter and a backend (the fuse
+driver). ``pipeline`` holds what the drivers share; ``rulesets`` picks the rules of a run."""

@@ -1,0 +1,211 @@
+"""Capture: trace a module with torch.fx and attach shapes to every node.
+
+A model whose forward cannot be traced as a whole is split: its largest traceable submodules become
+regions (fused on their own), the rest stays as it was and is reported as opaque.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import copy
+import functools
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from reparam.errors import CaptureError
+from reparam.frontends.fx.shapes import attach_shapes
+
+
+@dataclass
+class Region:
+    """A traced part of the model: ``path`` ('' for the whole model) and its example inputs."""
+
+    path: str
+    gm: fx.GraphModule
+    inputs: tuple | None
+
+
+@dataclass
+class Capture:
+    regions: list[Region] = field(default_factory=list)
+    opaque: dict[str, str] = field(default_factory=dict)  # module path -> why it was not traced
+    shaped: bool = False  # shapes were attached to the whole-model graph
+
+
+def _first_line(err: BaseException) -> str:
+    text = f"{type(err).__name__}: {err}".strip().splitlines()
+    return text[0][:200] if text else type(err).__name__
+
+
+def record_inputs(model: nn.Module, example_inputs: tuple) -> dict[str, tuple]:
+    """Run ``model`` once and remember the positional inputs of every submodule's first call."""
+    seen: dict[str, tuple] = {}
+    hooks = []
+    for name, m in model.named_modules():
+        def hook(mod, args, name=name):
+            seen.setdefault(name, tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
+        hooks.append(m.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            model(*example_inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def has_hooks(m: nn.Module) -> bool:
+    """The module runs forward (pre-)hooks, which a traced graph would not see: it must stay a call."""
+    return bool(m._forward_hooks or m._forward_pre_hooks)
+
+
+class _IndexedTracer(fx.Tracer):
+    """torch.fx's tracer, but a parameter or buffer used in forward is found by a dict lookup instead of a
+    scan of every named parameter (quadratic in the model size when BatchNorms are traced through), and
+    a module with hooks stays one call (tracing through it would drop its hooks)."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return has_hooks(m) or super().is_leaf_module(m, qualname)
+
+    def trace(self, root, concrete_args=None):
+        self._attr_names: dict[int, tuple[torch.Tensor, str]] = {}
+        if isinstance(root, nn.Module):
+            for n, t in [*root.named_buffers(), *root.named_parameters()][::-1]:  # the first name wins
+                self._attr_names[id(t)] = (t, n)
+        return super().trace(root, concrete_args)
+
+    def create_arg(self, a):
+        if isinstance(a, torch.Tensor):
+            found = self._attr_names.get(id(a))
+            if found is not None and found[0] is a:
+                return self.create_node("get_attr", found[1], (), {})
+        return super().create_arg(a)
+
+
+def structure_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` that shares its parameters and buffers but nothing else: what its forward
+    writes into the module (caches, counters) lands in the copy. ``copy.deepcopy`` with the tensors
+    memoized, done directly for modules that pickle as plain nn.Modules (several times faster)."""
+    memo = {id(t): t for t in [*module.parameters(), *module.buffers()]}
+    return _copy_module(module, memo)
+
+
+_COPY_PROTOCOL = ("__getstate__", "__setstate__", "__deepcopy__", "__reduce_ex__", "__reduce__")
+_ATOMS = (int, float, bool, str, type(None))
+_CONTAINERS = (dict, collections.OrderedDict, set)
+
+
+@functools.lru_cache(maxsize=None)
+def _plain_state(cls: type) -> bool:
+    """Instances copy as their ``__dict__``: no copy or pickle method of their own beyond torch.nn's
+    ``__setstate__`` shims, which only fill in attributes missing from old checkpoints."""
+    for f in _COPY_PROTOCOL:
+        own = getattr(cls, f, None)
+        if own is not getattr(nn.Module, f, None) and not (
+                f == "__setstate__" and getattr(own, "__module__", "").startswith("torch.nn.modules.")):
+            return False
+    return True
+
+
+def _copy_module(m: nn.Module, memo: dict) -> nn.Module:
+    if id(m) in memo:
+        return memo[id(m)]
+    if not _plain_state(type(m)):
+        return copy.deepcopy(m, memo)  # a module with its own copy or pickle behaviour
+    new = object.__new__(type(m))
+    memo[id(m)] = new
+    state = {}
+    for k, v in m.__dict__.items():
+        if k == "_compiled_call_impl":
+            continue
+        if k == "_modules":
+            state[k] = type(v)((name, None if c is None else _copy_module(c, memo)) for name, c in v.items())
+        elif k in ("_parameters", "_buffers"):
+            state[k] = type(v)((name, None if t is None else memo.get(id(t), t)) for name, t in v.items())
+        elif type(v) in _ATOMS or (type(v) in (tuple, frozenset) and all(type(x) in _ATOMS for x in v)):
+            state[k] = v
+        elif type(v) in _CONTAINERS and all(type(x) in _ATOMS for x in v) and (not v or type(v) is set):
+            state[k] = type(v)(v)  # the hook dicts (empty) and the set of non-persistent buffer names
+        else:
+            state[k] = copy.deepcopy(v, memo)
+    new.__dict__.update(state)
+    return new
+
+
+def trace(module: nn.Module) -> fx.GraphModule:
+    """``torch.fx.symbolic_trace`` of a structure copy of ``module`` (tracing runs its forward on proxies,
+    which it may store, e.g. in a cache), with parameter and buffer references resolved in constant time."""
+    tracer = _IndexedTracer()
+    module = structure_copy(module)
+    graph = tracer.trace(module)
+    return fx.GraphModule(tracer.root, graph, module.__class__.__name__)
+
+
+def capture(model: nn.Module, example_inputs: tuple | None) -> Capture:
+    """Trace ``model`` whole if possible; otherwise its largest traceable submodules."""
+    out = Capture()
+    try:
+        gm = trace(model)
+        out.shaped = attach_shapes(gm, example_inputs)
+        out.regions.append(Region("", gm, example_inputs))
+        return out
+    except Exception as err:  # any tracing failure: fall back to submodules
+        out.opaque[""] = _first_line(err)
+    try:
+        recorded = record_inputs(structure_copy(model), example_inputs) if example_inputs is not None else {}
+    except Exception as err:
+        raise CaptureError(f"the model does not run on the example inputs: {_first_line(err)}") from err
+    _capture_children(model, "", recorded, out)
+    return out
+
+
+def _capture_children(module: nn.Module, prefix: str, recorded: dict[str, tuple], out: Capture) -> None:
+    for name, child in module.named_children():
+        path = f"{prefix}.{name}" if prefix else name
+        if not any(True for _ in child.parameters()) and not any(True for _ in child.buffers()):
+            continue  # nothing to fuse inside
+        if path in recorded or not recorded:
+            try:
+                gm = trace(child)
+                inputs = recorded.get(path)
+                attach_shapes(gm, inputs)
+                out.regions.append(Region(path, gm, inputs))
+                continue
+            except Exception as err:
+                out.opaque[path] = _first_line(err)
+        _capture_children(child, path, recorded, out)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Put every submodule in eval mode for the duration, then restore each one's own flag."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, name, new)
+
+
+def example_inputs_for(model: nn.Module) -> tuple[Any, ...] | None:
+    """A guess at one input for a model whose first layer is a conv or linear (None if unsure)."""
+    first = next((m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))), None)
+    if first is None:
+        return None
+    p = next(first.parameters())
+    if isinstance(first, nn.Linear):
+        return (torch.randn(1, first.in_features, dtype=p.dtype, device=p.device),)
+    nd = first.weight.ndim - 2
+    size = {1: 224, 2: 224, 3: 32}[nd]
+    return (torch.randn(1, first.in_channels, *(size,) * nd, dtype=p.dtype, device=p.device),)

@@ -1,0 +1,413 @@
+"""FX → IR: see each torch.fx node as a vocabulary op (or as opaque, kept exactly as it was).
+
+Recognized: nn.Conv1d/2d/3d, nn.BatchNorm1d/2d/3d (eval, running statistics), nn.Linear, nn.Identity,
+nn.Dropout*, nn.AvgPool*, nn.AdaptiveAvgPool(1), nn.Flatten, F.conv*/F.linear on constant weights,
+F.batch_norm on constant buffers (training=False), constant-zero F.pad, +, −, neg, * and / by a scalar
+or a per-axis constant, torch.cat, chunk/split (through their getitems), mean, flatten, dropout(eval).
+Other call targets are recognized by the handlers registered in ``FUNCTIONS`` and ``SPLITS`` (the ATen front end
+registers torch.export's overloads there).
+"""
+from __future__ import annotations
+
+import numbers
+import operator
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from reparam.math import kernels
+from reparam.frontends.fx.capture import has_hooks
+from reparam.core.ir import Graph, Node
+from reparam.core.ops import (Affine, AvgPool, Cat, Conv, Flatten, Identity, Input, Linear, Mean, Opaque, Pad, Slice, Sum, f64)
+from reparam.frontends.fx.nodes import FxOrigin, fx_dtype, fx_shape, scoped_name
+from reparam.frontends.fx.shapes import same_forward
+
+
+# Recognizers of call_function targets beyond the built-in torch ones: target -> handler(importer, node, args,
+# kwargs) returning (op, data inputs) or None; and of chunk/split targets: target -> sizes(importer, node)
+# returning (x, dim, sizes) or None (their getitems become Slices).
+FUNCTIONS: dict[Any, Callable] = {}
+SPLITS: dict[Any, Callable] = {}
+
+
+def _tuple(v, n):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
+
+
+def conv_op(weight, bias, stride, padding, dilation, groups, padding_mode="zeros") -> Conv | None:
+    nd = weight.ndim - 2
+    stride, dilation = _tuple(stride, nd), _tuple(dilation, nd)
+    if isinstance(padding, str):
+        if padding == "valid":
+            pads = ((0, 0),) * nd
+        elif padding == "same" and all(s == 1 for s in stride):
+            totals = [d * (k - 1) for d, k in zip(dilation, weight.shape[2:])]
+            pads = tuple((t // 2, t - t // 2) for t in totals)
+        else:
+            return None
+    else:
+        pads = tuple((p, p) for p in _tuple(padding, nd))
+    return Conv(f64(weight), f64(bias), stride, pads, dilation, int(groups), padding_mode,
+                dtype=weight.dtype, device=weight.device)
+
+
+def _bn_affine(mean, var, weight, bias, eps, like: torch.Tensor) -> Affine:
+    s, t = kernels.bn_scale_shift(f64(mean), f64(var), f64(weight), f64(bias), float(eps))
+    return Affine(s, t, 1, dtype=like.dtype, device=like.device)
+
+
+class _Importer:
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self.modules = dict(gm.named_modules())
+        self.graph = Graph()
+        self.env: dict[fx.Node, Node] = {}
+        self.consts: dict[fx.Node, Any] = {}
+        self.const_dtypes: dict[fx.Node, torch.dtype] = {}  # a folded float constant's dtype in the model
+        self.notes: list[str] = []
+
+    # --- constants -------------------------------------------------------------------------
+    def const(self, a) -> Any:
+        """The constant value of an argument, or None when it depends on data."""
+        if isinstance(a, fx.Node):
+            return self.consts.get(a)
+        if isinstance(a, numbers.Number) and not isinstance(a, bool):
+            return a
+        return None
+
+    def dtype_of(self, a) -> torch.dtype | None:
+        """The dtype the model computes a constant argument in (a folded constant is held in float64)."""
+        if isinstance(a, fx.Node) and a in self.const_dtypes:
+            return self.const_dtypes[a]
+        value = self.const(a)
+        return value.dtype if isinstance(value, torch.Tensor) else None
+
+    def _fold_constant(self, n: fx.Node) -> Any:
+        """The value of ``n`` if it is computed from constants only. A floating-point result computed from
+        floating-point tensors is recomputed from their float64 values (what the float64 reference of the
+        model computes), and the dtype the model computes it in is kept aside (``dtype_of``)."""
+        value = self._run_on_constants(n, lambda v: v)
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != torch.float64 \
+                and n.op != "get_attr":
+            exact = self._run_on_constants(n, _to_float64)
+            if isinstance(exact, torch.Tensor) and exact.shape == value.shape and exact.dtype == torch.float64:
+                self.const_dtypes[n] = value.dtype
+                return exact
+        return value
+
+    def _run_on_constants(self, n: fx.Node, convert) -> Any:
+        if n.op == "get_attr":
+            obj: Any = self.gm
+            for part in n.target.split("."):
+                obj = getattr(obj, part)
+            return obj
+        if n.op not in ("call_function", "call_method") or not n.all_input_nodes:
+            return None
+        if any(i not in self.consts for i in n.all_input_nodes):
+            return None
+        if n.op == "call_method" and n.target.endswith("_"):
+            return None
+        args = fx.map_arg(n.args, lambda x: convert(self.consts[x]))
+        kwargs = fx.map_arg(n.kwargs, lambda x: convert(self.consts[x]))
+        try:
+            with torch.no_grad():
+                if n.op == "call_function":
+                    return n.target(*args, **kwargs)
+                return getattr(args[0], n.target)(*args[1:], **kwargs)
+        except Exception:  # not a constant computation we can run: leave it opaque
+            return None
+
+    # --- the walk --------------------------------------------------------------------------
+    def run(self) -> Graph:
+        placeholders = 0
+        for n in self.gm.graph.nodes:
+            if n.op == "output":
+                outs = []
+                fx.map_arg(n.args, lambda a: outs.append(a))
+                self.graph.outputs = [self.env[a] for a in outs]
+                self.graph.meta["fx_output"] = FxOrigin(n, outs)
+                continue
+            if n.op == "placeholder":
+                node = Node(Input(placeholders), name=n.name, shape=fx_shape(n), dtype=fx_dtype(n),
+                            origin=FxOrigin(n, []))
+                placeholders += 1
+            else:
+                value = self._fold_constant(n)
+                if value is not None:
+                    self.consts[n] = value
+                node = self.recognize(n, value)
+            self.graph.add(node)
+            self.env[n] = node
+        return self.graph
+
+    def _node(self, op, n: fx.Node, data: list[fx.Node], name: str | None = None) -> Node:
+        return Node(op, [self.env[d] for d in data], name=name or scoped_name(n), shape=fx_shape(n),
+                    dtype=fx_dtype(n), origin=FxOrigin(n, data))
+
+    def opaque(self, n: fx.Node, value=None) -> Node:
+        what = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
+        return self._node(Opaque(str(what), value), n, list(n.all_input_nodes),
+                          name=n.target if n.op == "call_module" else None)
+
+    def recognize(self, n: fx.Node, value) -> Node:
+        if value is not None:
+            return self.opaque(n, value)
+        try:
+            found = None
+            if n.op == "call_module":
+                found = self.module(n)
+            elif n.op == "call_function":
+                found = self.function(n, n.target, n.args, n.kwargs)
+            elif n.op == "call_method":
+                found = self.method(n)
+        except (TypeError, ValueError, IndexError, AttributeError, KeyError):
+            found = None
+        if found is None:
+            return self.opaque(n)
+        op, data = found
+        return self._node(op, n, data, name=n.target if n.op == "call_module" else None)
+
+    # --- modules ---------------------------------------------------------------------------
+    def module(self, n: fx.Node):
+        m = self.modules[n.target]
+        x = n.args[0] if n.args else None
+        if len(n.args) != 1 or n.kwargs or not isinstance(x, fx.Node):
+            return None
+        if has_hooks(m):
+            self.notes.append(f"'{n.target}': the module has forward hooks, which fusing would drop; left as is")
+            return None
+        for base in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+            if same_forward(m, base):
+                return conv_op(m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups, m.padding_mode), [x]
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and type(m).forward is type(m).__mro__[1].forward \
+                or type(m) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm):
+            if m.training or m.running_mean is None or not m.track_running_stats:
+                self.notes.append(f"'{n.target}': BatchNorm without running statistics (or in training mode) "
+                                  f"is not affine; left as is")
+                return None
+            return _bn_affine(m.running_mean, m.running_var, m.weight, m.bias, m.eps, m.running_mean), [x]
+        if same_forward(m, nn.Linear):
+            return Linear(f64(m.weight), f64(m.bias), dtype=m.weight.dtype, device=m.weight.device), [x]
+        if type(m) is nn.Identity or (isinstance(m, nn.modules.dropout._DropoutNd) and not m.training):
+            return Identity(), [x]
+        for nd, base in enumerate((nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d), 1):
+            if type(m) is base:
+                return AvgPool(_tuple(m.kernel_size, nd), _tuple(m.stride or m.kernel_size, nd),
+                               _tuple(m.padding, nd), m.ceil_mode, m.count_include_pad,
+                               getattr(m, "divisor_override", None)), [x]
+        if type(m) in (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d):
+            nd = {nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3}[type(m)]
+            if all(o == 1 for o in _tuple(m.output_size, nd)):
+                return Mean(tuple(range(2, 2 + nd)), keepdim=True), [x]
+        if type(m) is nn.Flatten:
+            return Flatten(m.start_dim, m.end_dim), [x]
+        return None
+
+    # --- functions and methods ---------------------------------------------------------------
+    def function(self, n: fx.Node, f, args, kwargs):
+        handler = FUNCTIONS.get(f)
+        if handler is not None:  # a registered target (torch.export's ATen overloads)
+            return handler(self, n, args, kwargs)
+        if f in (F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d):
+            names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+            a = dict(zip(names, args), **kwargs)
+            w, b = self.const(a["weight"]), self.const(a.get("bias"))
+            if w is None or (a.get("bias") is not None and b is None):
+                return None
+            op = conv_op(w, b, a.get("stride", 1), a.get("padding", 0), a.get("dilation", 1), a.get("groups", 1))
+            return (None if op is None else op.with_(dtype=self.dtype_of(a["weight"]))), [a["input"]]
+        if f in (F.linear, torch._C._nn.linear):
+            a = dict(zip(("input", "weight", "bias"), args), **kwargs)
+            w, b = self.const(a["weight"]), self.const(a.get("bias"))
+            if w is None or (a.get("bias") is not None and b is None):
+                return None
+            return Linear(f64(w), f64(b), dtype=self.dtype_of(a["weight"]), device=w.device), [a["input"]]
+        if f in (F.batch_norm, torch.batch_norm):
+            names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+            a = dict(zip(names, args), **kwargs)
+            rm, rv = self.const(a["running_mean"]), self.const(a["running_var"])
+            if rm is None or rv is None or a.get("training", False) is not False:
+                return None
+            w, b = self.const(a.get("weight")), self.const(a.get("bias"))
+            if (a.get("weight") is not None and w is None) or (a.get("bias") is not None and b is None):
+                return None
+            return _bn_affine(rm, rv, w, b, a.get("eps", 1e-5), rm).with_(dtype=self.dtype_of(a["running_mean"])), \
+                [a["input"]]
+        if f is F.pad or f is torch._C._nn.pad:
+            a = dict(zip(("input", "pad", "mode", "value"), args), **kwargs)
+            if a.get("mode", "constant") != "constant" or (a.get("value") or 0) != 0:
+                return None
+            p = list(a["pad"])
+            pairs = tuple((p[i], p[i + 1]) for i in range(0, len(p), 2))[::-1]
+            if any(lo < 0 or hi < 0 for lo, hi in pairs):
+                return None
+            return Pad(pairs), [a["input"]]
+        if f in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout):
+            a = dict(zip(("input", "p", "training"), args), **kwargs)
+            return (Identity(), [a["input"]]) if a.get("training", True) is False else None
+        if f in (torch.cat, torch.concat, torch.concatenate):
+            tensors = args[0] if args else kwargs["tensors"]
+            dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+            if not all(isinstance(t, fx.Node) and self.const(t) is None for t in tensors):
+                return None
+            return Cat(dim), list(tensors)
+        if f is operator.getitem:
+            return self.getitem(n)
+        if f in (torch.flatten,):
+            a = dict(zip(("input", "start_dim", "end_dim"), args), **kwargs)
+            return Flatten(a.get("start_dim", 0), a.get("end_dim", -1)), [a["input"]]
+        if f in (torch.mean,):
+            return self.mean(args, kwargs)
+        if f in (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d):
+            x, size = args[0], args[1] if len(args) > 1 else kwargs["output_size"]
+            shape = fx_shape(x)
+            if shape is None or any(s != 1 for s in _tuple(size, len(shape) - 2)):
+                return None
+            return Mean(tuple(range(2, len(shape))), keepdim=True), [x]
+        return self.arithmetic(n, f, args, kwargs)
+
+    def method(self, n: fx.Node):
+        name, args, kwargs = n.target, n.args, n.kwargs
+        table = {"add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div, "neg": torch.neg,
+                 "flatten": torch.flatten, "mean": torch.mean}
+        if name in ("contiguous",) and len(args) == 1:
+            return Identity(), [args[0]]
+        if name in table:
+            return self.function(n, table[name], args, kwargs)
+        return None
+
+    def mean(self, args, kwargs):
+        a = dict(zip(("input", "dim", "keepdim"), args), **kwargs)
+        if a.get("dim") is None or a.get("dtype") is not None:
+            return None
+        return Mean(_tuple(a["dim"], 1), bool(a.get("keepdim", False))), [a["input"]]
+
+    def getitem(self, n: fx.Node):
+        """chunk(x)[i] / split(x)[i] as Slice(x); the chunk node itself never becomes an IR node."""
+        src, index = n.args
+        if not (isinstance(src, fx.Node) and isinstance(index, int)):
+            return None
+        splitter = SPLITS.get(src.target) if src.op == "call_function" else None
+        sizes = splitter(self, src) if splitter is not None else self.split_sizes(src)
+        if sizes is None:
+            return None
+        x, dim, sizes = sizes
+        index %= len(sizes)
+        start = sum(sizes[:index])
+        return Slice(dim, start, start + sizes[index]), [x]
+
+    def split_sizes(self, src: fx.Node):
+        if src.op == "call_function" and src.target in (torch.chunk, torch.split):
+            kind = src.target.__name__
+        elif src.op == "call_method" and src.target in ("chunk", "split"):
+            kind = src.target
+        else:
+            return None
+        if not all(u.op == "call_function" and u.target is operator.getitem for u in src.users):
+            return None
+        names = ("input", "chunks" if kind == "chunk" else "split_size_or_sections", "dim")
+        a = dict(zip(names, src.args), **src.kwargs)
+        if "split_size" in a:
+            a["split_size_or_sections"] = a.pop("split_size")
+        x = a["input"]
+        shape = fx_shape(x)
+        if shape is None or not isinstance(x, fx.Node) or self.const(x) is not None:
+            return None
+        dim = a.get("dim", 0) % len(shape)
+        total = shape[dim]
+        if kind == "chunk":
+            step = -(-total // a["chunks"])
+            sizes = [min(step, total - k) for k in range(0, total, step)]
+        elif isinstance(a["split_size_or_sections"], int):
+            step = a["split_size_or_sections"]
+            sizes = [min(step, total - k) for k in range(0, total, step)]
+        else:
+            sizes = list(a["split_size_or_sections"])
+        return x, dim, sizes
+
+    def arithmetic(self, n: fx.Node, f, args, kwargs):
+        add = (operator.add, torch.add, operator.iadd)
+        sub = (operator.sub, torch.sub, operator.isub)
+        mul = (operator.mul, torch.mul, operator.imul)
+        div = (operator.truediv, torch.div, torch.true_divide, operator.itruediv)
+        if f in (operator.neg, torch.neg):
+            return Affine(torch.tensor(-1.0, dtype=torch.float64), None, None), [args[0]]
+        if f not in add + sub + mul + div or len(args) != 2:
+            return None
+        if f in (operator.iadd, operator.isub, operator.imul, operator.itruediv):
+            # in place: only safe when nobody else reads the mutated tensor
+            if not isinstance(args[0], fx.Node) or len(args[0].users) != 1:
+                return None
+        alpha = kwargs.get("alpha", 1)
+        if set(kwargs) - {"alpha"} or (f is torch.div and kwargs.get("rounding_mode")):
+            return None
+        a, b = args
+        ca, cb = self.const(a), self.const(b)
+        if ca is None and cb is None:
+            if f in add:
+                return Sum((1.0, float(alpha))), [a, b]
+            if f in sub:
+                return Sum((1.0, -float(alpha))), [a, b]
+            return None
+        if ca is not None and cb is not None:
+            return None
+        x, c = (a, cb) if ca is None else (b, ca)
+        shape = fx_shape(x) if isinstance(x, fx.Node) else None
+        if not isinstance(x, fx.Node) or shape is None:
+            return None
+        per_axis = _per_axis(c, shape, n)
+        if per_axis is None:
+            return None
+        values, axis = per_axis
+        one = torch.ones((), dtype=torch.float64)
+        like = c if isinstance(c, torch.Tensor) else None
+        meta = dict(dtype=self.dtype_of(a if x is b else b), device=like.device if like is not None else None)
+        if f in add:  # x + α·c, or c + α·x
+            if x is a:
+                return Affine(one, values * alpha, axis, **meta), [x]
+            return Affine(float(alpha) * one, values, axis, **meta), [x]
+        if f in sub:
+            if x is a:
+                return Affine(one, -values * alpha, axis, **meta), [x]
+            return Affine(-float(alpha) * one, values, axis, **meta), [x]
+        if f in mul:
+            return Affine(values, None, axis, **meta), [x]
+        if x is a:  # x / c
+            if (values == 0).any():
+                return None
+            return Affine(1.0 / values, None, axis, **meta), [x]
+        return None
+
+
+def _to_float64(v):
+    return v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+
+
+def _per_axis(c, shape: tuple[int, ...], n: fx.Node):
+    """A constant that broadcasts along at most one axis of ``shape``: (values, axis) or None."""
+    out_shape = fx_shape(n)
+    if out_shape is not None and tuple(out_shape) != tuple(shape):
+        return None  # the constant changes the shape: not a per-axis affine
+    # a Python number goes straight to float64 (torch.as_tensor would round it to float32 first)
+    t = torch.as_tensor(c, dtype=torch.float64) if isinstance(c, numbers.Number) else \
+        c.detach().to("cpu", torch.float64)
+    if t.numel() == 1:
+        return t.reshape(()), None
+    if t.ndim > len(shape):
+        return None
+    axes = [k for k, s in enumerate(t.shape) if s != 1]
+    if len(axes) != 1:
+        return None
+    axis = len(shape) - t.ndim + axes[0]
+    if t.shape[axes[0]] != shape[axis]:
+        return None
+    return t.reshape(-1).clone(), axis
+
+
+def import_fx(gm: fx.GraphModule) -> tuple[Graph, list[str]]:
+    """The IR of ``gm`` (whose nodes should carry shape metadata) and notes on what was not recognized."""
+    imp = _Importer(gm)
+    return imp.run(), imp.notes

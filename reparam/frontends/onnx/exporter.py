@@ -1,0 +1,339 @@
+"""IR → ONNX: write the rewritten graph back through onnx-graphsurgeon.
+
+Unchanged nodes are re-emitted exactly as they were (same op, name, attributes, initializers), only
+their data inputs re-pointed; new ops become Conv/Gemm/MatMul/Mul/Add/Sub/Concat/Slice/Pad/
+AveragePool/ReduceMean/Flatten nodes whose tensors live in NEW uniquely named initializers cast to
+the op's dtype (an existing initializer is never edited: several nodes may share it). Graph inputs,
+outputs (names, order, types), opset, IR version, producer, functions and metadata are the original's.
+
+Control-flow nodes keep their original attributes (subgraphs included) byte for byte. Their subgraphs read
+outer tensors by name, so each such tensor is written under its original name before the node: a new op
+computing it takes the name, and a value that ended up under another name gets an Identity to it. A
+name already bound to a different value is refused (never a model whose subgraph reads the wrong tensor).
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import torch
+
+from reparam.errors import ReparamError
+from reparam.core.ir import Graph, Node
+from reparam.frontends.onnx.importer import OnnxOrigin, subgraph_names
+from reparam.core.ops import Affine, AvgPool, Cat, Conv, Flatten, Identity, Input, Linear, Mean, Pad, Slice, Sum
+
+_NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64}
+
+
+def _const_name_safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "._/:-" else "_" for c in name) or "fused"
+
+
+class _Exporter:
+    def __init__(self, g: Graph, model: onnx.ModelProto):
+        self.g, self.model = g, model
+        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+        graph = model.graph
+        self.taken: set[str] = {i.name for i in graph.initializer} | {i.name for i in graph.input} | \
+            {o for n in graph.node for o in n.output} | {n.name for n in graph.node if n.name}
+        for node in graph.node:  # a new outer name must not collide with (or be shadowed by) a subgraph's
+            self.taken |= subgraph_names(node)
+        self.claimed: set[str] = set()
+        self.nodes: list[gs.Node] = []
+        self.tensors: dict[int, gs.Tensor] = {}
+        self.emitted: dict[tuple, list[gs.Variable]] = {}
+        self.emitted_nodes: set[int] = set()
+        self.want: dict[int, str] = {}
+        self.original_of: dict[str, Node] = {}
+        self.known = g.meta.get("onnx_known", {})
+        self.protos: dict[int, onnx.NodeProto] = g.meta.get("onnx_protos", {})
+        self.initializers = g.meta.get("onnx_initializers", {})
+        self.restore: dict[int, onnx.NodeProto] = {}  # index in self.nodes -> original proto (its attributes)
+        self.outer_constants: set[str] = set()  # outer initializers some kept subgraph reads
+        self.reserved: dict[str, int] = {}  # names claimed ahead for this IR node's value
+        self.renamed: dict[tuple[int, str], gs.Variable] = {}  # (IR node, name): an Identity writing it
+        for n in g.nodes:
+            o = n.origin
+            if isinstance(o, OnnxOrigin) and o.tensor:
+                self.original_of[o.tensor] = n
+
+    # --- names
+    def fresh(self, base: str) -> str:
+        base = _const_name_safe(base)
+        for k in range(1_000_000):
+            name = base if k == 0 else f"{base}_{k}"
+            if name not in self.taken and name not in self.claimed:
+                self.claimed.add(name)
+                return name
+        raise RuntimeError("no free name")  # unreachable
+
+    def const(self, base: str, values: np.ndarray | torch.Tensor, dtype: torch.dtype | None = None) -> gs.Constant:
+        """A new initializer (never an existing one), cast once to ``dtype`` (the op's deploy dtype)."""
+        if isinstance(values, torch.Tensor):
+            values = values.detach().cpu()
+            if dtype == torch.bfloat16:
+                import ml_dtypes  # numpy's bfloat16 (an onnx dependency)
+
+                bf16 = values.to(torch.float32).numpy().astype(ml_dtypes.bfloat16)
+                return gs.Constant(self.fresh(base), np.ascontiguousarray(bf16))
+            values = values.to(dtype or torch.float32).numpy()
+        return gs.Constant(self.fresh(base), np.ascontiguousarray(values))
+
+    def ints(self, base: str, values) -> gs.Constant:
+        return self.const(base, np.asarray(list(values), dtype=np.int64))
+
+    # --- the walk
+    def live(self) -> list[Node]:
+        seen: set[int] = set()
+        stack = list(self.g.outputs)
+        while stack:
+            n = stack.pop()
+            if n.id not in seen:
+                seen.add(n.id)
+                stack.extend(n.inputs)
+        return [n for n in self.g.nodes if n.id in seen]
+
+    def run(self) -> onnx.ModelProto:
+        names = self.g.meta["onnx_outputs"]
+        for name, n in zip(names, self.g.outputs):
+            o = n.origin
+            if isinstance(o, OnnxOrigin) and o.node is not None and o.tensor == name:
+                continue
+            if o is None and n.id not in self.want and not isinstance(n.op, Identity):
+                self.want[n.id] = name
+                self.claimed.add(name)
+            else:  # written through an Identity at the end (or before a subgraph reading it)
+                self.claimed.add(name)
+            self.reserved.setdefault(name, n.id)
+        live = self.live()
+        for n in live:  # a new op whose value a subgraph reads by name is written under that name
+            o = n.origin
+            if not isinstance(o, OnnxOrigin) or not o.outer:
+                continue
+            for name, src in zip(o.inputs, n.inputs):
+                if name in o.outer and src.origin is None and src.id not in self.want and name not in self.claimed:
+                    self.want[src.id] = name
+                    self.claimed.add(name)
+                    self.reserved[name] = src.id
+        inputs = [self.emit(n) for n in self.g.nodes if isinstance(n.op, Input)]
+        for n in live:
+            self.emit(n)
+        outputs = []
+        for name, n in zip(names, self.g.outputs):
+            t = self.renamed.get((n.id, name)) or self.tensors[n.id]
+            if t.name != name:
+                out = gs.Variable(name)
+                self.nodes.append(gs.Node("Identity", self.fresh(f"{name}_identity"), inputs=[t], outputs=[out]))
+                t = out
+            outputs.append(t)
+        return self.finish(inputs, outputs)
+
+    def finish(self, inputs, outputs) -> onnx.ModelProto:
+        graph = gs.Graph(nodes=self.nodes, inputs=inputs, outputs=outputs, opset=self.opset)
+        exported = gs.export_onnx(graph, do_type_check=False).graph
+        for k, proto in self.restore.items():  # subgraphs exactly as they were
+            node = exported.node[k]
+            if node.op_type != proto.op_type:
+                raise ReparamError("internal error: the exported nodes are out of step with the emitted ones; "
+                                   "please report it")
+            del node.attribute[:]
+            node.attribute.extend(proto.attribute)
+        result = onnx.ModelProto()
+        result.CopyFrom(self.model)
+        g = result.graph
+        produced = {o for n in exported.node for o in n.output}
+        keep_inits = {i.name for i in self.model.graph.input} | self.outer_constants
+        inits = [i for i in self.model.graph.initializer if i.name in keep_inits]
+        have = {i.name for i in inits}
+        inits += [i for i in exported.initializer if i.name not in have]
+        value_info = [vi for vi in self.model.graph.value_info if vi.name in produced]
+        del g.node[:], g.initializer[:], g.value_info[:]
+        g.node.extend(exported.node)
+        g.initializer.extend(inits)
+        g.value_info.extend(value_info)
+        return result
+
+    def emit(self, n: Node) -> gs.Tensor:
+        if n.id in self.tensors:
+            return self.tensors[n.id]
+        o = n.origin
+        if isinstance(o, OnnxOrigin):
+            t = self.emit_original(n, o)
+        else:
+            t = self.emit_new(n, [self.emit(i) for i in n.inputs])
+        self.tensors[n.id] = t
+        return t
+
+    def original(self, name: str) -> gs.Tensor:
+        """The tensor an unchanged node read by this name (a constant input that is not an IR input)."""
+        n = self.original_of.get(name)
+        if n is not None and n.graph is self.g:
+            return self.emit(n)
+        if name in self.known:
+            return gs.Constant(self.fresh(name), np.asarray(self.known[name]))
+        raise ReparamError(f"internal error: tensor '{name}' is read by an unchanged node but no longer computed")
+
+    def named(self, src: Node, name: str, reader: str) -> gs.Tensor:
+        """``src``'s value under the name ``name`` (which a kept subgraph of ``reader`` reads)."""
+        t = self.emit(src)
+        if t.name == name:
+            return t
+        if (src.id, name) in self.renamed:
+            return self.renamed[(src.id, name)]
+        if name in self.claimed and self.reserved.get(name) != src.id:
+            raise ReparamError(f"'{reader}': a subgraph reads the outer tensor '{name}', but after the rewrites that "
+                               f"name holds another value; this graph cannot be written back with its subgraphs "
+                               f"unchanged (disable the rule that rewrote '{name}')")
+        self.claimed.add(name)
+        out = gs.Variable(name)
+        self.nodes.append(gs.Node("Identity", self.fresh(f"{name}_identity"), inputs=[t], outputs=[out]))
+        self.renamed[(src.id, name)] = out
+        return out
+
+    def emit_original(self, n: Node, o: OnnxOrigin) -> gs.Tensor:
+        if o.node is None:  # a graph input
+            return gs.Variable(o.tensor, dtype=None)
+        mapping = {name: self.emit(i) for name, i in zip(o.inputs, n.inputs)}
+        for name, i in zip(o.inputs, n.inputs):  # written under the names the subgraphs read, before the node
+            if name in o.outer:
+                self.named(i, name, o.node.name or o.node.op)
+        self.outer_constants.update(name for name in o.outer if name not in mapping and name in self.initializers)
+        inputs = []
+        for t in o.node.inputs:
+            if isinstance(t, gs.Constant):
+                inputs.append(t)
+            elif t.name == "":
+                inputs.append(gs.Variable.empty())
+            else:
+                inputs.append(mapping[t.name] if t.name in mapping else self.original(t.name))
+        key = (id(o.node), tuple(id(t) for t in inputs))
+        if key not in self.emitted:
+            first = id(o.node) not in self.emitted_nodes
+            self.emitted_nodes.add(id(o.node))
+            outs = []
+            for t in o.node.outputs:
+                if t.name == "":
+                    outs.append(gs.Variable.empty())
+                elif first and t.name not in self.claimed:
+                    self.claimed.add(t.name)
+                    outs.append(gs.Variable(t.name))
+                else:
+                    outs.append(gs.Variable(self.fresh(t.name)))
+            name = o.node.name if first else self.fresh(o.node.name or o.node.op)
+            attrs = dict(o.node.attrs)
+            proto = self.protos.get(id(o.node))
+            if proto is not None:  # its attributes are restored from the original after the export
+                attrs = {k: v for k, v in attrs.items() if not _holds_graph(v)}
+                self.restore[len(self.nodes)] = proto
+            self.nodes.append(gs.Node(o.node.op, name, attrs, inputs=inputs, outputs=outs, domain=o.node.domain))
+            self.emitted[key] = outs
+        return self.emitted[key][o.index]
+
+    # --- new ops
+    def node(self, op: str, base: str, inputs, attrs=None, out: str | None = None) -> gs.Variable:
+        y = gs.Variable(out or self.fresh(f"{base}_{op}_output"))
+        self.nodes.append(gs.Node(op, self.fresh(f"{base}_{op}"), attrs or {}, inputs=list(inputs), outputs=[y]))
+        return y
+
+    def emit_new(self, n: Node, xs: list[gs.Tensor]) -> gs.Tensor:
+        op, base, out = n.op, n.name or "fused", self.want.get(n.id)
+        dt = op.dtype or n.dtype or torch.float32
+        rank = n.inputs[0].rank if n.inputs else n.rank
+        if rank is None and isinstance(op, (Pad, Flatten)) or (
+                isinstance(op, Affine) and not op.is_scalar and (n.rank or rank) is None):
+            raise ReparamError(f"'{base}': the rank of the new {type(op).__name__} is unknown")
+        if isinstance(op, Conv):
+            if op.padding_mode != "zeros":
+                raise ReparamError(f"'{base}': ONNX Conv cannot pad with '{op.padding_mode}'")
+            inputs = [xs[0], self.const(f"{base}.weight", op.weight, dt)]
+            if op.bias is not None:
+                inputs.append(self.const(f"{base}.bias", op.bias, dt))
+            attrs = dict(kernel_shape=list(op.kernel_size), strides=list(op.stride), dilations=list(op.dilation),
+                         group=op.groups, pads=[lo for lo, _ in op.padding] + [hi for _, hi in op.padding])
+            return self.node("Conv", base, inputs, attrs, out)
+        if isinstance(op, Linear):
+            if rank == 2:
+                inputs = [xs[0], self.const(f"{base}.weight", op.weight, dt)]
+                if op.bias is not None:
+                    inputs.append(self.const(f"{base}.bias", op.bias, dt))
+                return self.node("Gemm", base, inputs, dict(transB=1), out)
+            y = self.node("MatMul", base, [xs[0], self.const(f"{base}.weight", op.weight.T.contiguous(), dt)],
+                          out=None if op.bias is not None else out)
+            if op.bias is None:
+                return y
+            return self.node("Add", base, [y, self.const(f"{base}.bias", op.bias, dt)], out=out)
+        if isinstance(op, Affine):
+            r = n.rank or rank or 0
+            has_shift = op.shift is not None and bool(op.shift.any())
+            y = xs[0]
+            if not bool((op.scale == 1).all()) or not has_shift:
+                y = self.node("Mul", base, [y, self.const(f"{base}.scale", op.broadcast(op.scale, r), dt)],
+                              out=None if has_shift else out)
+            if has_shift:
+                y = self.node("Add", base, [y, self.const(f"{base}.shift", op.broadcast(op.shift, r), dt)], out=out)
+            return y
+        if isinstance(op, Sum):
+            return self.emit_sum(op, base, xs, dt, out)
+        if isinstance(op, Pad):
+            k = len(op.pads)
+            pads = [0] * (rank - k) + [lo for lo, _ in op.pads] + [0] * (rank - k) + [hi for _, hi in op.pads]
+            return self.node("Pad", base, [xs[0], self.ints(f"{base}.pads", pads)], dict(mode="constant"), out)
+        if isinstance(op, AvgPool):
+            if op.divisor_override is not None or op.ceil_mode:
+                raise ReparamError(f"'{base}': this AvgPool has no ONNX AveragePool form")
+            attrs = dict(kernel_shape=list(op.kernel_size), strides=list(op.stride), pads=list(op.padding) * 2,
+                         count_include_pad=int(op.count_include_pad))
+            return self.node("AveragePool", base, [xs[0]], attrs, out)
+        if isinstance(op, Cat):
+            return self.node("Concat", base, xs, dict(axis=op.dim), out)
+        if isinstance(op, Slice):
+            inputs = [xs[0], self.ints(f"{base}.starts", [op.start]), self.ints(f"{base}.ends", [op.stop]),
+                      self.ints(f"{base}.axes", [op.dim]), self.ints(f"{base}.steps", [1])]
+            return self.node("Slice", base, inputs, None, out)
+        if isinstance(op, Mean):
+            if op.keepdim and rank and rank > 2 and tuple(sorted(d % rank for d in op.dims)) == tuple(range(2, rank)):
+                return self.node("GlobalAveragePool", base, [xs[0]], None, out)
+            if self.opset >= 18:
+                return self.node("ReduceMean", base, [xs[0], self.ints(f"{base}.axes", op.dims)],
+                                 dict(keepdims=int(op.keepdim)), out)
+            return self.node("ReduceMean", base, [xs[0]], dict(axes=list(op.dims), keepdims=int(op.keepdim)), out)
+        if isinstance(op, Flatten):
+            s, e = op.start_dim % rank, op.end_dim % rank
+            if s == 1 and e == rank - 1:
+                return self.node("Flatten", base, [xs[0]], dict(axis=1), out)
+            shape = [0] * s + [-1] + list(n.inputs[0].shape[e + 1:])
+            return self.node("Reshape", base, [xs[0], self.ints(f"{base}.shape", shape)], None, out)
+        if isinstance(op, Identity):
+            return self.node("Identity", base, [xs[0]], None, out) if out else xs[0]
+        raise ReparamError(f"cannot write a new {op!r} at '{base}' to ONNX")
+
+    def emit_sum(self, op: Sum, base: str, xs, dt, out):
+        terms = []
+        for c, x in zip(op.coeffs, xs):
+            if c in (1.0, -1.0):
+                terms.append((x, c))
+            else:
+                last = out if len(op.coeffs) == 1 else None
+                terms.append((self.node("Mul", base, [x, self.const(f"{base}.coeff", torch.tensor(c), dt)], out=last),
+                              1.0))
+                if last:
+                    return terms[0][0]
+        terms.sort(key=lambda t: -t[1])  # a positive term first, so the chain needs no Neg
+        acc, sign = terms[0]
+        if sign < 0:
+            acc = self.node("Neg", base, [acc], out=out if len(terms) == 1 else None)
+        if len(terms) == 1 and sign > 0 and out:
+            return self.node("Identity", base, [acc], out=out)
+        for k, (x, c) in enumerate(terms[1:], 2):
+            acc = self.node("Add" if c > 0 else "Sub", base, [acc, x], out=out if k == len(terms) else None)
+        return acc
+
+
+def _holds_graph(v) -> bool:
+    return isinstance(v, gs.Graph) or (isinstance(v, (list, tuple)) and any(isinstance(x, gs.Graph) for x in v))
+
+
+def export_onnx(g: Graph, model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` rewritten as ``g`` says (``g`` was imported from ``model``)."""
+    return _Exporter(g, model).run()
