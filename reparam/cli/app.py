@@ -361,15 +361,6 @@ def _rule_list(rule_files: list[Path] | None, disable: list[str] | None, only: l
 _PHASES = {"rewrite": "capturing and rewriting", "verify": "verifying end to end in float64"}
 
 
-def _rewrite_detail(state: dict) -> Callable[[], str]:
-    def text() -> str:
-        rep = state.get("report")
-        if rep is None:
-            return ""
-        return f"{len(rep.rules_fired)} rewrite(s)"
-    return text
-
-
 def _fuse(loaded, inputs: tuple | None, shapes: list, rules, verify: bool, tolerance: float | None, steps):
     """Dispatch on the input kind; returns (fused object, Report). ``tolerance`` None: the backend's default."""
     if loaded.kind == "module":
