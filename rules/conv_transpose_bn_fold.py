@@ -1,5 +1,3 @@
-import torch
-
 from reparam.core.ops import Affine
 from reparam.core.pattern import P, X
 from reparam.core.rule import require, rule

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numbers
 import operator
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.fx as fx
