@@ -336,7 +336,8 @@ def main(argv=None) -> int:
         for mode in modes:
             repeats = 1 if name == "synthetic" else args.repeats
             print(f"[fuse_cost] {name} {mode} ...", file=sys.stderr, flush=True)
-            results[name][mode] = measure(name, mode, repeats, args.params, cap)
+            results[name][mode] = r = measure(name, mode, repeats, args.params, cap)
+            print(f"[fuse_cost] {name} {mode}: {json.dumps(r)}", file=sys.stderr, flush=True)  # as it comes
         if name == "synthetic":
             results[name]["label"] = f"24 blocks, ~{args.params / 1e9:g} B parameters, input 1×3×8×8"
     import torch
