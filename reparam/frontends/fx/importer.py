@@ -67,6 +67,7 @@ class _Importer:
         self.env: dict[fx.Node, Node] = {}
         self.consts: dict[fx.Node, Any] = {}
         self.const_dtypes: dict[fx.Node, torch.dtype] = {}  # a folded float constant's dtype in the model
+        self.native: dict[fx.Node, Any] = {}  # a folded float constant as the model computes it
         self.notes: list[str] = []
 
     # --- constants -------------------------------------------------------------------------
@@ -89,12 +90,13 @@ class _Importer:
         """The value of ``n`` if it is computed from constants only. A floating-point result computed from
         floating-point tensors is recomputed from their float64 values (what the float64 reference of the
         model computes), and the dtype the model computes it in is kept aside (``dtype_of``)."""
-        value = self._run_on_constants(n, lambda v: v)
+        value = self._run_on_constants(n, lambda a: self.native.get(a, self.consts[a]))
         if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != torch.float64 \
                 and n.op != "get_attr":
-            exact = self._run_on_constants(n, _to_float64)
+            exact = self._run_on_constants(n, lambda a: _to_float64(self.consts[a]))
             if isinstance(exact, torch.Tensor) and exact.shape == value.shape and exact.dtype == torch.float64:
                 self.const_dtypes[n] = value.dtype
+                self.native[n] = value  # what the model computes: later constants derive their dtype from it
                 return exact
         return value
 
@@ -110,8 +112,8 @@ class _Importer:
             return None
         if n.op == "call_method" and n.target.endswith("_"):
             return None
-        args = fx.map_arg(n.args, lambda x: convert(self.consts[x]))
-        kwargs = fx.map_arg(n.kwargs, lambda x: convert(self.consts[x]))
+        args = fx.map_arg(n.args, convert)
+        kwargs = fx.map_arg(n.kwargs, convert)
         try:
             with torch.no_grad():
                 if n.op == "call_function":
