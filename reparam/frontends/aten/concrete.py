@@ -8,7 +8,7 @@ in-place write becomes an out-of-place op whose result is used: ``y.mul_(2)`` â†
 ``slice_scatter``) without decomposing anything else. The unlifted program (``ep.module()``) is made to read
 like the model:
 
-- its guard call is dropped and decomposed inference batch norms are written as ``aten.batch_norm``;
+- its guard call is dropped, views are reshapes, and decomposed inference batch norms are written as ``aten.batch_norm``;
 - an ATen conv / batch norm / linear that is exactly the forward of a plain ``nn.Conv*`` / ``nn.BatchNorm*`` /
   ``nn.Linear`` (its own tensors, its own configuration) becomes a call of that module again, so fused convs are
   named after the module they came from and unchanged layers stay modules;
@@ -62,12 +62,12 @@ def capture_concrete(module: nn.Module, inputs: tuple) -> fx.GraphModule:
     if ep.graph_signature.buffers_to_mutate or ep.graph_signature.user_inputs_to_mutate:
         raise ConcreteCaptureError("the forward writes into its buffers or inputs")
     _drop_guards(gm)
+    _views_as_reshapes(gm)
     aten_ops.normalize(gm)
     _flatten_signature(gm)
     _restore_modules(gm, copy)
     gm.graph.eliminate_dead_code()
-    gm.recompile()
-    return gm
+    return fx.GraphModule(gm, gm.graph, class_name=type(module).__name__)  # prints as the model's class
 
 
 def _drop_guards(gm: fx.GraphModule) -> None:
@@ -76,6 +76,14 @@ def _drop_guards(gm: fx.GraphModule) -> None:
         if n.op == "call_module" and not n.users and type(gm.get_submodule(n.target)).__name__ == "GuardsFn":
             gm.graph.erase_node(n)
             gm.delete_submodule(n.target)
+
+
+def _views_as_reshapes(gm: fx.GraphModule) -> None:
+    """``aten.view`` â†’ ``aten.reshape``: the same values in a functional graph, and it still runs when a rewrite
+    changes the memory layout of its input (a fused layer's output is contiguous where a transpose was not)."""
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target in (aten.view.default, aten._unsafe_view.default):
+            n.target = aten.reshape.default
 
 
 def _flatten_signature(gm: fx.GraphModule) -> None:
@@ -172,12 +180,12 @@ def _restore_modules(gm: fx.GraphModule, model: nn.Module) -> None:
         if x is not None:
             found.append((n, x, path, m))
             calls[path] = calls.get(path, 0) + 1
-    for n, x, path, m in found:
+    for n, _, path, m in found:
         if calls[path] != 1:
             continue  # a layer called twice stays two ATen calls (one module per call site reads best)
         _set_module(gm, path, m)
         with gm.graph.inserting_before(n):
-            new = gm.graph.call_module(path, (x,))
+            new = gm.graph.call_module(path, (n.args[0],))  # the data input (it may have been replaced since)
         new.meta = dict(n.meta)
         n.replace_all_uses_with(new)
         gm.graph.erase_node(n)

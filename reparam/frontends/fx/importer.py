@@ -33,6 +33,9 @@ FUNCTIONS: dict[Any, Callable] = {}
 SPLITS: dict[Any, Callable] = {}
 
 
+_AVG_POOLS = {F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3}
+
+
 def _tuple(v, n):
     return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
 
@@ -263,6 +266,15 @@ class _Importer:
             return Flatten(a.get("start_dim", 0), a.get("end_dim", -1)), [a["input"]]
         if f in (torch.mean,):
             return self.mean(args, kwargs)
+        if f in _AVG_POOLS:
+            nd = _AVG_POOLS[f]
+            names = ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
+            a = dict(zip(names, args), **kwargs)
+            k = _tuple(a["kernel_size"], nd)
+            stride = a.get("stride")
+            return AvgPool(k, _tuple(stride, nd) if stride not in (None, [], ()) else k, _tuple(a.get("padding", 0), nd),
+                           bool(a.get("ceil_mode", False)), bool(a.get("count_include_pad", True)),
+                           a.get("divisor_override")), [a["input"]]
         if f in (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d):
             x, size = args[0], args[1] if len(args) > 1 else kwargs["output_size"]
             shape = fx_shape(x)
@@ -279,6 +291,8 @@ class _Importer:
             return Identity(), [args[0]]
         if name in table:
             return self.function(n, table[name], args, kwargs)
+        if name.endswith("_") and name[:-1] in table and isinstance(args[0], fx.Node) and len(args[0].users) == 1:
+            return self.function(n, table[name[:-1]], args, kwargs)  # in place on a tensor nothing else reads
         return None
 
     def mean(self, args, kwargs):
@@ -335,6 +349,9 @@ class _Importer:
         sub = (operator.sub, torch.sub, operator.isub)
         mul = (operator.mul, torch.mul, operator.imul)
         div = (operator.truediv, torch.div, torch.true_divide, operator.itruediv)
+        if "other" in kwargs or "input" in kwargs:  # torch.add(a, other=b), a.add(other=b)
+            kwargs = dict(kwargs)
+            args = tuple(args) + tuple(kwargs.pop(k) for k in ("input", "other")[len(args):] if k in kwargs)
         if f in (operator.neg, torch.neg):
             return Affine(torch.tensor(-1.0, dtype=torch.float64), None, None), [args[0]]
         if f not in add + sub + mul + div or len(args) != 2:
