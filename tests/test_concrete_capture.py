@@ -289,3 +289,37 @@ def test_data_dependent_control_flow_keeps_capturable_regions_fused():
     assert "" in rep.opaque and "on the example inputs" in rep.opaque[""]
     assert isinstance(fused.block.get_submodule("conv"), nn.Conv2d)
     assert any("'block'" in n for n in rep.notes)
+
+
+class Loop(nn.Module):
+    """A conv called twice and a conv → BN pair, behind data-dependent control flow."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.pair = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))
+
+    def forward(self, x):
+        for _ in range(2):
+            x = self.conv(x)
+        if x.mean() > 100:
+            x = -x
+        return self.pair(x)
+
+
+def test_counts_count_what_runs():
+    model = randomize(Loop())
+    _, rep, _ = fused_counts(model, torch.randn(1, 3, 8, 8))
+    assert (rep.before.convs, rep.before.bns) == (3, 1)  # the module list has 2 convs; 3 run
+    assert (rep.after.convs, rep.after.bns) == (3, 0)
+
+
+def test_counts_are_the_same_for_every_form():
+    from reparam.frontends.fx.counting import count_run
+
+    x = torch.randn(2, 3, 8, 8)
+    module = ComputedWeight().eval()
+    plain = nn.Conv2d(3, 4, 3, bias=False).eval()
+    computed, fused, conv = (count_run(m, (x,)) for m in (module, reparam.fuse(module, x), plain))
+    assert (conv.ops, conv.convs) == (fused.ops, fused.convs) == (1, 1)
+    assert (computed.ops, computed.convs) == (4, 1)  # w * 0.5, 0.1 * m, their sum, the conv: all run

@@ -24,7 +24,7 @@ from reparam.frontends.pipeline import gc_paused, mismatch
 from reparam.core.ir import Graph
 from reparam.frontends.rulesets import select_rules
 from reparam.core.report import Report, Verification
-from reparam.frontends.fx.counting import count_model
+from reparam.frontends.fx.counting import count_run
 from reparam.core.rule import Rule
 
 
@@ -215,7 +215,7 @@ def fuse(model: nn.Module, example_inputs=None, *, rules: Sequence[Rule] | None 
         rep.verification.skipped = "no example inputs (pass example_inputs to verify)"
     rep.seconds["total"] = time.perf_counter() - started
     if report:
-        rep.before, rep.after = count_model(model), count_model(fused)
+        rep.before, rep.after = count_run(model, inputs), count_run(fused, inputs)
         return fused, rep
     return fused
 
