@@ -199,6 +199,17 @@ class AvgPool(Op):
 
 
 @dataclass(frozen=True, eq=False)
+class Permute(Op):
+    """y = x.permute(dims): axis k of y is axis ``dims[k]`` of x (a transpose swaps two); values are moved,
+    none computed."""
+
+    dims: tuple[int, ...]
+
+    def evaluate(self, x):
+        return x.permute(self.dims)
+
+
+@dataclass(frozen=True, eq=False)
 class Identity(Op):
     """y = x (nn.Identity, eval-mode Dropout, .contiguous())."""
 
@@ -271,7 +282,7 @@ class Opaque(Op):
         return f"Opaque({self.what})"
 
 
-VOCABULARY = (Conv, Linear, Affine, Sum, Pad, AvgPool, Identity, Cat, Slice, Mean, Flatten, Input, Opaque)
+VOCABULARY = (Conv, Linear, Affine, Sum, Pad, AvgPool, Identity, Cat, Slice, Mean, Flatten, Permute, Input, Opaque)
 
 
 def f64(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -341,4 +352,6 @@ def output_shape(op: Op, shapes: list[tuple[int, ...] | None]) -> tuple[int, ...
     if isinstance(op, Flatten):
         s, e = op.start_dim % len(x), op.end_dim % len(x)
         return (*x[:s], prod(x[s:e + 1]), *x[e + 1:])
+    if isinstance(op, Permute):
+        return tuple(x[d] for d in op.dims) if len(op.dims) == len(x) else None
     return None

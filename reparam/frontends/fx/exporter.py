@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from reparam.frontends.fx.nodes import FxOrigin
 from reparam.core.ir import Graph, Node
-from reparam.core.ops import (Affine, AvgPool, Cat, Conv, Flatten, Identity, Input, Linear, Mean, Op, Pad, Slice, Sum, symmetric)
+from reparam.core.ops import (Affine, AvgPool, Cat, Conv, Flatten, Identity, Input, Linear, Mean, Op, Pad, Permute, Slice,
+                              Sum, symmetric)
 
 
 def _cast(t: torch.Tensor | None, op: Op) -> torch.Tensor | None:
@@ -218,6 +219,8 @@ class _Exporter:
             return call(torch.mean, (xs[0], op.dims), {"keepdim": op.keepdim})
         if isinstance(op, Flatten):
             return call(torch.flatten, (xs[0], op.start_dim, op.end_dim))
+        if isinstance(op, Permute):
+            return call(torch.permute, (xs[0], op.dims))
         if isinstance(op, Identity):
             return xs[0]
         raise TypeError(f"cannot write back a new {op!r} at '{n.name}'")

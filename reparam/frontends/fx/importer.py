@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from reparam.math import kernels
 from reparam.frontends.fx.capture import has_hooks
 from reparam.core.ir import Graph, Node
-from reparam.core.ops import (Affine, AvgPool, Cat, Conv, Flatten, Identity, Input, Linear, Mean, Opaque, Pad, Slice, Sum, f64)
+from reparam.core.ops import (Affine, AvgPool, Cat, Conv, Flatten, Identity, Input, Linear, Mean, Opaque, Pad, Permute, Slice,
+                              Sum, f64)
 from reparam.frontends.fx.nodes import FxOrigin, fx_dtype, fx_shape, scoped_name
 from reparam.frontends.fx.shapes import same_forward
 
@@ -261,6 +262,8 @@ class _Importer:
             return Cat(dim), list(tensors)
         if f is operator.getitem:
             return self.getitem(n)
+        if f in (torch.permute, torch.transpose):
+            return permute_op(args[0], args[1:], kwargs, f.__name__)
         if f in (torch.flatten,):
             a = dict(zip(("input", "start_dim", "end_dim"), args), **kwargs)
             return Flatten(a.get("start_dim", 0), a.get("end_dim", -1)), [a["input"]]
@@ -289,6 +292,8 @@ class _Importer:
                  "flatten": torch.flatten, "mean": torch.mean}
         if name in ("contiguous",) and len(args) == 1:
             return Identity(), [args[0]]
+        if name in ("permute", "transpose"):
+            return permute_op(args[0], args[1:], kwargs, name)
         if name in table:
             return self.function(n, table[name], args, kwargs)
         if name.endswith("_") and name[:-1] in table and isinstance(args[0], fx.Node) and len(args[0].users) == 1:
@@ -399,6 +404,24 @@ class _Importer:
                 return None
             return Affine(1.0 / values, None, axis, **meta), [x]
         return None
+
+
+def permute_op(x, rest, kwargs, kind: str):
+    """x.permute(*dims) / x.permute(dims) / x.transpose(d0, d1) as Permute (the rank from x's shape)."""
+    shape = fx_shape(x) if isinstance(x, fx.Node) else None
+    if shape is None or kwargs.get("memory_format") is not None:
+        return None
+    rank = len(shape)
+    if kind == "transpose":
+        d0, d1 = (list(rest) + [kwargs.get("dim0"), kwargs.get("dim1")][len(rest):])[:2]
+        dims = list(range(rank))
+        dims[d0 % rank], dims[d1 % rank] = dims[d1 % rank], dims[d0 % rank]
+    else:
+        dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest or kwargs.get("dims")
+        dims = [int(d) % rank for d in dims]
+    if sorted(dims) != list(range(rank)):
+        return None
+    return Permute(tuple(dims)), [x]
 
 
 def _to_float64(v):
