@@ -11,6 +11,7 @@ Built-in op kinds beyond the core vocabulary are added here through the public e
 """
 from reparam.rules.affine_before_flatten import affine_before_flatten
 from reparam.rules.affine_merge import affine_merge
+from reparam.rules.affine_through_layout import affine_through_layout
 from reparam.rules.affine_through_pool import affine_through_pool
 from reparam.rules.avgpool_to_conv import avgpool_to_conv
 from reparam.rules.bn_prefold import bn_prefold
@@ -36,6 +37,7 @@ DEFAULT_RULES = [
     conv_bn_fold,
     conv_transpose_bn_fold,
     affine_before_flatten,
+    affine_through_layout,
     affine_merge,
     concat_affine_split,
     scale_fold,

@@ -302,6 +302,21 @@ class AvgPool(Op):
 
 
 @dataclass(frozen=True, eq=False)
+class Permute(Op):
+    """y = x.permute(dims): axis k of y is axis ``dims[k]`` of x (a transpose swaps two); values are moved,
+    none computed."""
+
+    dims: tuple[int, ...]
+
+    def evaluate(self, x):
+        return x.permute(self.dims)
+
+    def output_shape(self, shapes):
+        x = shapes[0]
+        return tuple(x[d] for d in self.dims) if len(self.dims) == len(x) else None
+
+
+@dataclass(frozen=True, eq=False)
 class Identity(Op):
     """y = x (nn.Identity, eval-mode Dropout, .contiguous())."""
 

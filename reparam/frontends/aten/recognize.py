@@ -118,6 +118,14 @@ def _view(imp, n, a):
     return None
 
 
+def _permute(imp, n, a):
+    return importer.permute_op(a["self"], (list(a["dims"]),), {}, "permute")
+
+
+def _transpose(imp, n, a):
+    return importer.permute_op(a["self"], (a["dim0"], a["dim1"]), {}, "transpose")
+
+
 def _identity(imp, n, a):
     """clone/alias/contiguous: same values (a memory format changes the layout only)."""
     return Identity(), [a["self"]]
@@ -172,6 +180,7 @@ HANDLERS: dict[OpOverload, Callable] = {
     aten.mean.dim: _mean,
     aten.flatten.using_ints: _flatten,
     aten.view.default: _view, aten.reshape.default: _view, aten._unsafe_view.default: _view,
+    aten.permute.default: _permute, aten.transpose.int: _transpose,
     aten.clone.default: _identity, aten.alias.default: _identity, aten.contiguous.default: _identity,
     aten.dropout.default: _dropout,
     aten.avg_pool1d.default: _avg_pool(1), aten.avg_pool2d.default: _avg_pool(2),

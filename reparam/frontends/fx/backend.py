@@ -18,12 +18,13 @@ from reparam.errors import CaptureError, ReparamError
 from reparam.frontends.fx.exporter import export_fx
 from reparam.frontends.fx.importer import import_fx
 from reparam.frontends.fx.prune import prune_unused
+from reparam.frontends.fx.param_fold import materialize
 from reparam.frontends.fx.import_check import misread_nodes
 from reparam.frontends.pipeline import gc_paused, mismatch
 from reparam.core.ir import Graph
 from reparam.frontends.rulesets import select_rules
 from reparam.core.report import Report, Verification
-from reparam.frontends.fx.counting import count_model
+from reparam.frontends.fx.counting import count_run
 from reparam.core.rule import Rule
 
 
@@ -59,6 +60,7 @@ def _rewrite_eval(work: nn.Module, inputs, rules, check, stop_after, report: Rep
             raise CaptureError(f"the model does not run on inputs of shape {_shapes(inputs)}: "
                                f"{type(err).__name__}: {err}") from err
     report.opaque.update(cap.opaque)
+    report.notes.extend(cap.notes)
     if cap.opaque.get("") and cap.regions:
         report.notes.append(f"the model's forward could not be traced as a whole ({cap.opaque['']}); "
                             f"{len(cap.regions)} traceable submodule(s) were fused separately")
@@ -146,6 +148,7 @@ def rewrite_graph_module(gm: fx.GraphModule, rules, check, stop_after, report: R
     """Import ``gm`` (shapes attached), rewrite it to a fixpoint, export it back; log into ``report``."""
     graph, notes = import_fx(gm)
     prune_unused(graph)
+    materialize(graph)
     report.notes.extend(f"{path + ': ' if path else ''}{n}" for n in notes)
     engine = Engine(rules, check=check, stop_after=stop_after)
     log = engine.run(graph, wait=False)
@@ -212,7 +215,7 @@ def fuse(model: nn.Module, example_inputs=None, *, rules: Sequence[Rule] | None 
         rep.verification.skipped = "no example inputs (pass example_inputs to verify)"
     rep.seconds["total"] = time.perf_counter() - started
     if report:
-        rep.before, rep.after = count_model(model), count_model(fused)
+        rep.before, rep.after = count_run(model, inputs), count_run(fused, inputs)
         return fused, rep
     return fused
 

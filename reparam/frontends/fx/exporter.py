@@ -24,7 +24,8 @@ from reparam.core.checks import check_shapes, random_input
 from reparam.errors import ExportError
 from reparam.frontends.fx.nodes import FxOrigin
 from reparam.core.ir import Graph, Node
-from reparam.core.ops import (Affine, AvgPool, Cat, Conv, Flatten, Identity, Input, Linear, Mean, Op, Pad, Slice, Sum, symmetric)
+from reparam.core.ops import (Affine, AvgPool, Cat, Conv, Flatten, Identity, Input, Linear, Mean, Op, Pad, Permute,
+                              Slice, Sum, symmetric)
 
 
 def _cast(t: torch.Tensor | None, op: Op) -> torch.Tensor | None:
@@ -346,3 +347,8 @@ def export_fx(g: Graph, source: fx.GraphModule, dtype: torch.dtype | None = None
     exporter, instead of failing the end-to-end verification as if a rule were wrong.
     """
     return FxExporter(g, source, dtype, copy_modules, self_check).run()
+
+
+@vocab.fx_emitter(Permute)
+def _emit_permute(ctx: FxExporter, n: Node, op: Permute, xs):
+    return ctx.call(torch.permute, (xs[0], op.dims))

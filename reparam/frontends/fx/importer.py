@@ -25,7 +25,8 @@ from reparam.core import vocabulary as vocab
 import reparam.rules  # noqa: F401  (the built-in op kinds beyond the core vocabulary register themselves)
 from reparam.frontends.fx.capture import has_hooks
 from reparam.core.ir import Graph, Node
-from reparam.core.ops import (Affine, AvgPool, Cat, Conv, Flatten, Identity, Input, Linear, Mean, Opaque, Pad, Slice, Sum, f64)
+from reparam.core.ops import (Affine, AvgPool, Cat, Conv, Flatten, Identity, Input, Linear, Mean, Opaque, Pad, Permute,
+                              Slice, Sum, f64)
 from reparam.frontends.fx.nodes import FxOrigin, fx_dtype, fx_shape, scoped_name
 from reparam.frontends.fx.shapes import same_forward
 
@@ -66,6 +67,7 @@ class FxImporter:
         self.env: dict[fx.Node, Node] = {}
         self.consts: dict[fx.Node, Any] = {}
         self.const_dtypes: dict[fx.Node, torch.dtype] = {}  # a folded float constant's dtype in the model
+        self.native: dict[fx.Node, Any] = {}  # a folded float constant as the model computes it
         self.notes: list[str] = []
 
     # --- constants -------------------------------------------------------------------------
@@ -96,12 +98,13 @@ class FxImporter:
         """The value of ``n`` if it is computed from constants only. A floating-point result computed from
         floating-point tensors is recomputed from their float64 values (what the float64 reference of the
         model computes), and the dtype the model computes it in is kept aside (``dtype_of``)."""
-        value = self._run_on_constants(n, lambda v: v)
+        value = self._run_on_constants(n, lambda a: self.native.get(a, self.consts[a]))
         if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != torch.float64 \
                 and n.op != "get_attr":
-            exact = self._run_on_constants(n, _to_float64)
+            exact = self._run_on_constants(n, lambda a: _to_float64(self.consts[a]))
             if isinstance(exact, torch.Tensor) and exact.shape == value.shape and exact.dtype == torch.float64:
                 self.const_dtypes[n] = value.dtype
+                self.native[n] = value  # what the model computes: later constants derive their dtype from it
                 return exact
         return value
 
@@ -117,8 +120,8 @@ class FxImporter:
             return None
         if n.op == "call_method" and n.target.endswith("_"):
             return None
-        args = fx.map_arg(n.args, lambda x: convert(self.consts[x]))
-        kwargs = fx.map_arg(n.kwargs, lambda x: convert(self.consts[x]))
+        args = fx.map_arg(n.args, convert)
+        kwargs = fx.map_arg(n.kwargs, convert)
         try:
             with torch.no_grad():
                 if n.op == "call_function":
@@ -247,6 +250,9 @@ class FxImporter:
         sub = (operator.sub, torch.sub, operator.isub)
         mul = (operator.mul, torch.mul, operator.imul)
         div = (operator.truediv, torch.div, torch.true_divide, operator.itruediv)
+        if "other" in kwargs or "input" in kwargs:  # torch.add(a, other=b), a.add(other=b)
+            kwargs = dict(kwargs)
+            args = tuple(args) + tuple(kwargs.pop(k) for k in ("input", "other")[len(args):] if k in kwargs)
         if f in (operator.neg, torch.neg):
             return Affine(torch.tensor(-1.0, dtype=torch.float64), None, None), [args[0]]
         if f not in add + sub + mul + div or len(args) != 2:
@@ -471,6 +477,58 @@ _METHODS = {"add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.d
 def _tensor_method(ctx: FxImporter, n, args, kwargs):
     """``x.add(y)`` and friends: recognized as the torch function of the same name."""
     return ctx.function(n, _METHODS[n.target], args, kwargs)
+
+
+@vocab.fx_method(*(name + "_" for name in _METHODS if name not in ("flatten", "mean")))
+def _in_place_method(ctx: FxImporter, n, args, kwargs):
+    """``x.add_(y)`` and friends on a tensor nothing else reads: the same as ``x.add(y)`` (nothing can observe the
+    old value)."""
+    if not (args and isinstance(args[0], fx.Node) and len(args[0].users) == 1):
+        return None
+    return ctx.function(n, _METHODS[n.target[:-1]], args, kwargs)
+
+
+_AVG_POOLS = {F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3}
+
+
+@vocab.fx_function(*_AVG_POOLS)
+def _avg_pool_function(ctx: FxImporter, n, args, kwargs):
+    nd = _AVG_POOLS[n.target]
+    names = ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
+    a = dict(zip(names, args), **kwargs)
+    k = _tuple(a["kernel_size"], nd)
+    stride = a.get("stride")
+    return AvgPool(k, _tuple(stride, nd) if stride not in (None, [], ()) else k, _tuple(a.get("padding", 0), nd),
+                   bool(a.get("ceil_mode", False)), bool(a.get("count_include_pad", True)),
+                   a.get("divisor_override")), [a["input"]]
+
+
+def permute_op(x, rest, kwargs, kind: str):
+    """x.permute(*dims) / x.permute(dims) / x.transpose(d0, d1) as Permute (the rank from x's shape)."""
+    shape = fx_shape(x) if isinstance(x, fx.Node) else None
+    if shape is None or kwargs.get("memory_format") is not None:
+        return None
+    rank = len(shape)
+    if kind == "transpose":
+        d0, d1 = (list(rest) + [kwargs.get("dim0"), kwargs.get("dim1")][len(rest):])[:2]
+        dims = list(range(rank))
+        dims[d0 % rank], dims[d1 % rank] = dims[d1 % rank], dims[d0 % rank]
+    else:
+        dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest or kwargs.get("dims")
+        dims = [int(d) % rank for d in dims]
+    if sorted(dims) != list(range(rank)):
+        return None
+    return Permute(tuple(dims)), [x]
+
+
+@vocab.fx_function(torch.permute, torch.transpose)
+def _permute_function(ctx: FxImporter, n, args, kwargs):
+    return permute_op(args[0], args[1:], kwargs, n.target.__name__)
+
+
+@vocab.fx_method("permute", "transpose")
+def _permute_method(ctx: FxImporter, n, args, kwargs):
+    return permute_op(args[0], args[1:], kwargs, n.target)
 
 
 @vocab.fx_method("contiguous")
