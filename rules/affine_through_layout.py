@@ -22,6 +22,6 @@ def affine_through_layout(y, perm, bn):
     require(bn.shape == perm.shape, "the affine broadcasts the permuted tensor to a new shape")
     source = perm.op.dims[a.axis % bn.rank]
     channels = bn.rank - 1 if isinstance(y.op, Linear) else 1
-    require(source == channels, f"the affine acts on axis {source} of the {y.op.kind} output, not its channel "
-                                f"axis {channels}: the {y.op.kind} could not absorb it")
+    require(source == channels, f"the affine acts on axis {source} of the {type(y.op).__name__.lower()} output, not its channel "
+                                f"axis {channels}: the {type(y.op).__name__.lower()} could not absorb it")
     return perm.op(Affine(a.scale, a.shift, source, dtype=a.dtype, device=a.device)(y))
