@@ -251,7 +251,7 @@ BLOCKS = {
                      {"linear_sum", "affine_through_pool", "bn_prefold"}),
     "bn_after_concat": (CatBN, (1, 8, 12, 12), {"Conv": 2, "Concat": 1}, {"concat_affine_split", "conv_bn_fold"}),
     "flatten_bn": (FlattenBN, (1, 8, 5, 5), {"Conv": 1, "Flatten": 1}, {"affine_before_flatten", "conv_bn_fold"}),
-    "gelu": (Gelu, (1, 8, 12, 12), {"Conv": 2, "Constant": 3, "Div": 1, "Erf": 1, "Add": 1, "Mul": 2},
+    "gelu": (Gelu, (1, 8, 12, 12), {"Conv": 2, "Div": 1, "Erf": 1, "Add": 1, "Mul": 2},
              {"conv_bn_fold"}),
     "nested_sum": (Nested, (1, 8, 12, 12), {"Conv": 1, "Relu": 1, "Add": 1}, {"sum_flatten", "parallel_sum_pad"}),
     "serial_1x1_3x3": (Serial, (1, 8, 12, 12), {"Conv": 1}, {"serial_merge"}),

@@ -210,18 +210,18 @@ _PHASES = {"rewrite": "capturing and rewriting", "verify": "verifying end to end
 
 
 def _fuse(loaded: Loaded, inputs: tuple | None, shapes: list, rules, verify: bool, tolerance: float | None,
-          steps: Steps):
+          steps: Steps, freeze_inputs: bool = False):
     """Dispatch on the input kind; returns (fused object, Report). ``tolerance`` None: the backend's default."""
     fallback = "capturing, rewriting and verifying" if verify else "capturing and rewriting"
     with steps.phases(fallback, _PHASES) as enter:
-        fused, rep = _fuse_with(loaded, inputs, shapes, rules, verify, tolerance, enter)
+        fused, rep = _fuse_with(loaded, inputs, shapes, rules, verify, tolerance, enter, freeze_inputs)
     if loaded.kind == "module" and not shapes and inputs is not None:
         guessed = ", ".join(",".join(map(str, t.shape)) for t in inputs)
         rep.notes.append(f"no --input-shape given: guessed the input shape {guessed} from the first layer")
     return fused, rep
 
 
-def _fuse_with(loaded: Loaded, inputs, shapes, rules, verify, tolerance, enter):
+def _fuse_with(loaded: Loaded, inputs, shapes, rules, verify, tolerance, enter, freeze_inputs=False):
     opts = dict(rules=rules, verify=verify, report=True)
     if tolerance is not None:
         opts["tolerance"] = tolerance
@@ -240,7 +240,8 @@ def _fuse_with(loaded: Loaded, inputs, shapes, rules, verify, tolerance, enter):
     except ImportError as err:
         raise ReparamError(f"fusing ONNX models is not available in this installation ({err}); "
                            f"pip install 'reparam[onnx]'") from err
-    return fuse_onnx(loaded.obj, input_shapes=[list(s) for s in shapes] or None, **opts)
+    return fuse_onnx(loaded.obj, input_shapes=[list(s) for s in shapes] or None,
+                     freeze_initializer_inputs=freeze_inputs, **opts)
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -298,6 +299,9 @@ def fuse(model: ModelArg,
          report: Annotated[Optional[Path], typer.Option("--report", metavar="FILE.json", show_default=False,
                                                         help="Also write the full report as JSON.")] = None,
          trust: TrustOpt = False, weights: WeightsOpt = None,
+         freeze_inputs: Annotated[bool, typer.Option(
+             "--freeze-inputs", help="ONNX: treat initializers that are also graph inputs (overridable defaults) as "
+                                     "constants and remove them from the inputs. Default: they stay inputs.")] = False,
          quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
          as_json: JsonOpt = False, debug: DebugOpt = False):
     """Fuse IN and write the deploy model to OUT (format chosen by OUT's extension).
@@ -320,7 +324,9 @@ def fuse(model: ModelArg,
         inputs = _example_inputs(loaded, shapes)
         if loaded.kind == "module" and inputs is None and fmt != "pt":
             raise ReparamError(f"writing .{fmt} needs example inputs and none could be guessed: pass --input-shape")
-        fused, rep = _fuse(loaded, inputs, shapes, chosen, verify, tolerance, steps)
+        if freeze_inputs and loaded.kind != "onnx":
+            raise ReparamError("--freeze-inputs applies to ONNX inputs only")
+        fused, rep = _fuse(loaded, inputs, shapes, chosen, verify, tolerance, steps, freeze_inputs)
         t0 = time.perf_counter()
         targets = [output] + ([report] if report is not None else [])
         with steps.step(f"writing {output} ({fmt})"), atomic_paths(*targets) as temps:  # all or nothing

@@ -5,8 +5,8 @@ that input, and the model must then use what was fed. Folding it as a constant w
 ignores the caller (a wrong model), so by default such tensors are inputs like any other: the rules see data,
 not constants, and the written model keeps the input and its default. ``freeze=True`` (CLI
 ``--freeze-inputs``) says the caller never feeds them: they become constants and leave the inputs, which is
-reported. An IR < 4 file must list every initializer as an input, so freezing one raises the written IR
-version to 4 (the first where an initializer need not be an input); that is reported too.
+reported. Below IR version 4 every initializer must be listed as an input, so the listing says nothing: there
+initializers are constants (as ONNX Runtime reads them: it refuses a feed for one) and stay listed.
 """
 from __future__ import annotations
 
@@ -14,7 +14,10 @@ import onnx
 
 
 def initializer_inputs(model: onnx.ModelProto) -> list[str]:
-    """Names of the graph inputs that also have an initializer (in input order)."""
+    """Names of the graph inputs that also have an initializer (in input order): overridable defaults from IR
+    version 4 on; none below (where every initializer must be listed)."""
+    if model.ir_version < 4:
+        return []
     inits = {i.name for i in model.graph.initializer}
     return [i.name for i in model.graph.input if i.name in inits]
 
@@ -33,13 +36,8 @@ def split_interface(model: onnx.ModelProto, freeze: bool) -> tuple[onnx.ModelPro
         keep = [i for i in work.graph.input if i.name not in set(names)]
         del work.graph.input[:]
         work.graph.input.extend(keep)
-        notes = [f"froze {len(names)} initializer(s) listed as graph inputs ({shown}): they are constants now and "
-                 f"no longer inputs of the written model"]
-        if work.ir_version < 4:
-            notes.append(f"the written model has IR version 4 (was {work.ir_version}): below 4 every initializer "
-                         f"must be a graph input")
-            work.ir_version = 4
-        return work, {}, notes
+        return work, {}, [f"froze {len(names)} initializer(s) listed as graph inputs ({shown}): they are constants "
+                          f"now and no longer inputs of the written model"]
     defaults = {i.name: i for i in model.graph.initializer if i.name in set(names)}
     keep = [i for i in work.graph.initializer if i.name not in defaults]
     del work.graph.initializer[:]
