@@ -5,6 +5,9 @@ that shrink the graph backwards (an affine into the conv before it), then the pa
 normalizers (identity/avg-pool → conv, common dilation and grouping) and merges, then serial merges,
 and last the folds forwards (an affine into the conv or Linear after it), which must not pre-empt
 the backward ones.
+
+Built-in op kinds beyond the core vocabulary are added here through the public extension API, as a user would:
+``conv_transpose.py`` (ConvTranspose, with its rules ``conv_transpose_bn_fold`` and ``parallel_conv_transpose``).
 """
 from reparam.rules.affine_before_flatten import affine_before_flatten
 from reparam.rules.affine_merge import affine_merge
@@ -13,12 +16,14 @@ from reparam.rules.avgpool_to_conv import avgpool_to_conv
 from reparam.rules.bn_prefold import bn_prefold
 from reparam.rules.concat_affine_split import concat_affine_split
 from reparam.rules.conv_bn_fold import conv_bn_fold
+from reparam.rules.conv_transpose_bn_fold import conv_transpose_bn_fold
 from reparam.rules.dilated_to_dense import dilated_to_dense
 from reparam.rules.groups_merge import groups_merge
 from reparam.rules.identity_elim import identity_elim
 from reparam.rules.identity_to_conv import identity_to_conv
 from reparam.rules.linear_sum import linear_sum
 from reparam.rules.pad_fold import pad_fold
+from reparam.rules.parallel_conv_transpose import parallel_conv_transpose
 from reparam.rules.parallel_sum_pad import parallel_sum_pad
 from reparam.rules.scale_fold import scale_fold
 from reparam.rules.serial_merge import serial_merge
@@ -29,6 +34,7 @@ DEFAULT_RULES = [
     sum_flatten,
     pad_fold,
     conv_bn_fold,
+    conv_transpose_bn_fold,
     affine_before_flatten,
     affine_merge,
     concat_affine_split,
@@ -38,6 +44,7 @@ DEFAULT_RULES = [
     dilated_to_dense,
     groups_merge,
     parallel_sum_pad,
+    parallel_conv_transpose,
     linear_sum,
     serial_merge,
     bn_prefold,

@@ -30,7 +30,8 @@ from reparam.frontends.rulesets import select_rules
 
 _CONV = {aten_ops.aten.conv1d.default, aten_ops.aten.conv2d.default, aten_ops.aten.conv3d.default,
          aten_ops.aten.conv1d.padding, aten_ops.aten.conv2d.padding, aten_ops.aten.conv3d.padding,
-         aten_ops.aten.convolution.default}
+         aten_ops.aten.convolution.default, aten_ops.aten.conv_transpose1d.default,
+         aten_ops.aten.conv_transpose2d.input, aten_ops.aten.conv_transpose3d.input}
 _BN = {aten_ops.aten.batch_norm.default, aten_ops.aten._native_batch_norm_legit_no_training.default,
        aten_ops.aten.native_batch_norm.default, aten_ops.aten._native_batch_norm_legit.default}
 _LINEAR = {aten_ops.aten.linear.default, aten_ops.aten.addmm.default}

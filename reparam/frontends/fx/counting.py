@@ -12,7 +12,8 @@ from reparam.core.report import Counts
 from reparam.frontends.fx.capture import has_hooks, trace
 
 _CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-_CONV_FUNCS = {F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d}
+_CONV_FUNCS = {F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d, F.conv_transpose1d,
+               F.conv_transpose2d, F.conv_transpose3d}
 _BN_FUNCS = {F.batch_norm, torch.batch_norm}
 _LINEAR_FUNCS = {F.linear}
 

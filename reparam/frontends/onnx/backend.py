@@ -71,11 +71,11 @@ def _read_model(model_or_path) -> onnx.ModelProto:
 
 
 def count_onnx(model: onnx.ModelProto) -> Counts:
-    """Nodes of the main graph; convs, BatchNorms, Gemm/MatMul; float initializer elements."""
+    """Nodes of the main graph; convs (transposed ones included), BatchNorms, Gemm/MatMul; float initializer elements."""
     ops = Counter(n.op_type for n in model.graph.node)
     floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
     params = sum(int(np.prod(i.dims)) for i in model.graph.initializer if i.data_type in floats)
-    return Counts(len(model.graph.node), ops["Conv"], ops["BatchNormalization"], ops["Gemm"] + ops["MatMul"], params)
+    return Counts(len(model.graph.node), ops["Conv"] + ops["ConvTranspose"], ops["BatchNormalization"], ops["Gemm"] + ops["MatMul"], params)
 
 
 def random_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], seed: int = 1234,

@@ -15,7 +15,7 @@ from onnx import numpy_helper
 
 from reparam.errors import ReparamError
 from reparam.core.ir import Graph, Node
-from reparam.frontends.onnx.importer import OnnxOrigin, _array
+from reparam.frontends.onnx.importer import OnnxOrigin, _array, node_proto
 from reparam.core.ops import Input, Opaque
 
 
@@ -66,7 +66,6 @@ class _Evaluator:
 
     def opaque(self, n: Node):
         from onnx.reference import ReferenceEvaluator
-        from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
         o: OnnxOrigin = n.origin
         if o is None or o.node is None or o.node.domain not in ("", "ai.onnx", None):
@@ -99,7 +98,8 @@ class _Evaluator:
             else:
                 cache = self.g.meta.setdefault("onnx_reference", {})
                 if id(o.node) not in cache:
-                    cache[id(o.node)] = ReferenceEvaluator(OnnxExporter.export_node(o.node), opsets={"": self.opset})
+                    cache[id(o.node)] = ReferenceEvaluator(node_proto(o.node, self.opset),
+                                                        opsets={"": self.opset})
                 self.runs[key] = cache[id(o.node)].run(None, feeds)
         out = np.asarray(self.runs[key][o.index])
         return torch.from_numpy(out) if out.dtype.kind in "fiub" else out
