@@ -180,6 +180,19 @@ def _reference(graph, feeds, opset: int, rep: Report):
         return None
 
 
+def _same_shapes(exact: list, native: list, rep: Report) -> bool:
+    """Does the float64 reference of the original give the output shapes onnxruntime gives? Where it does not
+    (onnx.reference and onnxruntime read some old-opset node differently), the float64 check is dropped, saying
+    so, and the written model is judged in onnxruntime alone."""
+    got = [tuple(np.shape(x)) for x in exact]
+    want = [tuple(np.shape(x)) for x in native]
+    if got == want:
+        return True
+    rep.notes.append(f"no float64 check (onnx.reference gives the original output shapes {got}, onnxruntime "
+                     f"{want}); verified in onnxruntime only")
+    return False
+
+
 def check_written(fused: onnx.ModelProto) -> None:
     """The written model passes ``onnx.checker`` (full check), else an internal error."""
     try:
@@ -253,9 +266,12 @@ class OnnxFrontEnd:
     def reference(self, regions: list[Region]) -> Outputs:
         exact = _reference(regions[0].graph, self.feeds, self.opset, self.report)
         native = run_original(self.original, self.feeds, self.shapes)
-        return Outputs(exact=exact, native=native)
+        self.trusted = exact is None or _same_shapes(exact, native, self.report)
+        return Outputs(exact=exact if self.trusted else None, native=native)
 
     def exact(self, fused: onnx.ModelProto, regions: list[Region]) -> list | None:
+        if not getattr(self, "trusted", True):
+            return None
         return _reference(regions[0].graph, self.feeds, self.opset, self.report)
 
     def native(self, fused: onnx.ModelProto) -> list:
