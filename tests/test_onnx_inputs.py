@@ -317,3 +317,22 @@ def test_the_float64_check_says_when_it_cannot_run(monkeypatch):
     _, rep = reparam.fuse_onnx(model_of(nodes, inits, [vi("x", [1, 4, 6, 6])], [vi("y", None)]), report=True)
     assert rep.verification.error_fp64 is None and rep.verification.passed
     assert any("no float64 check" in n and "no reference for this node" in n for n in rep.notes), rep.notes
+
+
+# --- old opsets: onnx.reference runs each node at the model's opset ---------------------------------------
+def test_folding_and_the_float64_check_run_each_node_at_the_models_opset():
+    """Squeeze took ``axes`` as an attribute before opset 13; run as a bare node, onnx.reference would use the
+    newest Squeeze, ignore the attribute and drop every unit dim: a wrong fold, a float64 check that cannot run."""
+    nodes, inits = conv_bn()
+    k = numpy_helper.from_array(RNG.standard_normal((1, 1, 3)).astype(np.float32), "k13")
+    nodes += [helper.make_node("Squeeze", ["k13"], ["sq"], axes=[0]),  # (1, 3): folded on import
+              helper.make_node("Squeeze", ["y"], ["z"], axes=[0]),  # (4, 1, 4): run in float64
+              helper.make_node("Transpose", ["z"], ["zt"], perm=[0, 2, 1]),  # (4, 4, 1)
+              helper.make_node("MatMul", ["zt", "sq"], ["out"])]  # (4, 4, 3)
+    model = model_of(nodes, inits + [k], [vi("x", [1, 4, 1, 4])], [vi("out", [4, 4, 3])], opset=11)
+    fused, rep = reparam.fuse_onnx(model, report=True)
+    assert rep.verification.error_fp64 is not None, rep.notes
+    x = x_of((1, 4, 1, 4))
+    got, want = ort(fused, x=x), ort(model, x=x)
+    assert got[0].shape == want[0].shape == (4, 4, 3)
+    assert relative_error(got, want) < 1e-5
