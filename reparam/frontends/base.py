@@ -30,10 +30,13 @@ class Region:
 @dataclass
 class Outputs:
     """Flat outputs on the probe inputs: ``exact`` in float64 (None where the front end cannot evaluate the
-    model in float64) and ``native`` in the model's own dtype(s) (None where it cannot run it)."""
+    model in float64), ``native`` in the model's own dtype(s) (None where it cannot run it), and ``rounding``, a
+    second run as deployed that rounds differently (it shows the outputs' magnitude when there is no float64
+    result), or None."""
 
     exact: list | None
     native: list | None
+    rounding: list | None = None
 
 
 class FrontEnd(Protocol):

@@ -53,6 +53,13 @@ def copy_in(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     return copy.deepcopy(model, memo).eval()
 
 
+def eval_view(model: nn.Module) -> nn.Module:
+    """An eval-mode copy of ``model``'s modules sharing its parameters and buffers (a forward that keeps
+    state, a cache say, changes the copy, never the model)."""
+    memo = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return copy.deepcopy(model, memo).eval()
+
+
 def random_like(inputs: tuple, seed: int = 0) -> tuple:
     """Fresh random tensors with the shapes and dtypes of ``inputs`` (non-float inputs kept)."""
     gen = torch.Generator().manual_seed(seed)

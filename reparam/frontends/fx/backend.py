@@ -141,8 +141,9 @@ class FxFrontEnd:
         return _shapes(self.inputs)
 
     def reference(self, regions: list[Region]) -> Outputs:
+        # the original as it runs, on a copy of its modules (a forward that keeps state changes the copy)
         return Outputs(exact=verify_mod.run(self.model, self.probe, torch.float64),
-                       native=verify_mod.run(self.model, self.probe))
+                       native=verify_mod.run(verify_mod.eval_view(self.model), self.probe))
 
     def exact(self, fused: nn.Module, regions: list[Region]) -> list:
         return verify_mod.run(float64_twin(fused, regions), self.probe, torch.float64)
