@@ -72,6 +72,10 @@ class FrontEnd(Protocol):
     def exact(self, fused: Any, regions: list[Region]) -> list | None:
         """The fused result in float64, its new tensors computed (not cast) in float64; None if not evaluable."""
 
+    def recheck(self, fused: Any, regions: list[Region]) -> tuple[list, list] | None:
+        """Optional. The original's and the fused result's float64 outputs by the reference semantics (float64
+        copies of both), confirming a mismatch a cheaper float64 evaluation (``reference``/``exact``) found."""
+
     def native(self, fused: Any) -> list | None:
         """The fused result as deployed, in its own dtype(s)."""
 
