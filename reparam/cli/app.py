@@ -358,7 +358,8 @@ def _rule_list(rule_files: list[Path] | None, disable: list[str] | None, only: l
     return select_rules(None, extra, disable or [], only or None)
 
 
-_PHASES = {"rewrite": "capturing and rewriting", "verify": "verifying end to end in float64"}
+_PHASES = {"rewrite": "capturing and rewriting", "verify": "verifying end to end in float64",
+           "bisect": "finding the first wrong rewrite", "export": "exporting the fused program again"}
 
 
 def _fuse(loaded, inputs: tuple | None, shapes: list, rules, verify: bool, tolerance: float | None, steps):
@@ -389,13 +390,13 @@ def _fuse_with(loaded, inputs, shapes, rules, verify, tolerance, progress):
             from reparam.frontends.aten.backend import fuse_exported
         except ImportError as err:
             raise ReparamError(f"fusing .pt2 programs is not available in this installation ({err})") from err
-        return fuse_exported(loaded.obj, **opts)
+        return fuse_exported(loaded.obj, progress=progress, **opts)
     try:
         from reparam.frontends.onnx.backend import fuse_onnx
     except ImportError as err:
         raise ReparamError(f"fusing ONNX models is not available in this installation ({err}); "
                            f"pip install 'reparam[onnx]'") from err
-    return fuse_onnx(loaded.obj, input_shapes=[list(s) for s in shapes] or None, **opts)
+    return fuse_onnx(loaded.obj, input_shapes=[list(s) for s in shapes] or None, progress=progress, **opts)
 
 
 def _same_file(a: Path, b: Path) -> bool:
