@@ -9,7 +9,9 @@ run once with each op's parameters laid side by side along the channel axis (a c
 by their number), so every channel is computed exactly as it would be alone, and each check's error is
 measured on its own channels. Checks whose ops mix channels in other ways (Linear, cat, slice) run alone.
 The checks of one engine run are done by a worker thread beside the rewriting (their tensor work releases
-the GIL); ``Checks.wait`` raises the first failure in the order the rewrites were applied.
+the GIL); ``Checks.wait`` raises the first failure in the order the rewrites were applied. A queued check
+keeps the ops it compares alive, so the queue is run once its tensors reach ``PENDING_BYTES`` and the
+rewriting waits while twice that is held: memory stays bounded however big the model.
 """
 from __future__ import annotations
 
@@ -23,8 +25,11 @@ import torch
 from reparam.errors import RewriteMismatch
 from reparam.core.expr import Expr
 from reparam.core.ir import Node
+from reparam.core.ops import Affine, AvgPool, Cat, Conv, Identity, Mean, Pad, Slice, Sum
 
 LOCAL_RTOL = 1e-9
+PENDING_BYTES = 1 << 27  # tensor bytes the queued checks may keep alive before they are run (128 MiB)
+_SHRINKABLE = (Conv, Sum, Pad, AvgPool, Identity)
 
 
 class Unknown(Exception):
@@ -44,6 +49,15 @@ class Check:
     got: int
     seed: int
 
+    def nbytes(self) -> int:
+        """Bytes of the tensors this check's ops hold (each tensor counted once)."""
+        seen: dict[int, int] = {}
+        for op, _ in self.steps:
+            for v in vars(op).values():
+                if isinstance(v, torch.Tensor):
+                    seen[id(v)] = v.numel() * v.element_size()
+        return sum(seen.values())
+
     def inputs(self) -> list[torch.Tensor]:
         gen = torch.Generator().manual_seed(self.seed)
         return [random_input(s, gen) for s in self.shapes]
@@ -55,7 +69,7 @@ class Check:
         spatial = len(self.shapes[0]) - 2
         parts = [tuple(self.shapes), self.want, self.got]
         for op, args in self.steps:
-            shape = op.check_signature(spatial)
+            shape = _op_signature(op, spatial)
             if shape is None:
                 return None
             parts.append((shape, tuple(args)))
@@ -71,9 +85,45 @@ def random_input(shape, gen: torch.Generator) -> torch.Tensor:
     return torch.rand(shape, generator=gen, dtype=torch.float64).mul_(2).sub_(1)
 
 
+def _op_signature(op, spatial: int):
+    if isinstance(op, Conv):  # side by side only where torch's per-group loop dominates (one input channel
+        if op.weight.shape[1] != 1:  # per group); dense kernels are big, and their checks cost their multiply-adds
+            return None
+        return ("conv", op.kernel_size, op.stride, op.padding, op.dilation, op.groups, op.padding_mode,
+                op.in_channels, op.out_channels, op.bias is not None)
+    if isinstance(op, Affine):  # per-channel vectors go side by side; scalars must be equal
+        if not (op.is_scalar or op.axis == 1):
+            return None
+        return ("affine", _vector_or_value(op.scale), None if op.shift is None else _vector_or_value(op.shift))
+    if isinstance(op, Sum):
+        return ("sum", op.coeffs)
+    if isinstance(op, Pad):
+        return ("pad", op.pads) if len(op.pads) <= spatial else None
+    if isinstance(op, AvgPool):
+        return ("pool", op.kernel_size, op.stride, op.padding, op.ceil_mode, op.count_include_pad,
+                op.divisor_override)
+    if isinstance(op, Identity):
+        return ("identity",)
+    if isinstance(op, Mean):
+        return ("mean", op.dims, op.keepdim) if all(d >= 2 for d in op.dims) else None
+    return None
+
+
+def _vector_or_value(t: torch.Tensor):
+    return ("value", float(t)) if t.ndim == 0 else ("vector", t.numel())
+
+
 def _side_by_side(ops: list):
     """One op doing what each of ``ops`` (equal signatures) does, on their channels laid side by side."""
-    return ops[0].side_by_side(ops)
+    op = ops[0]
+    if isinstance(op, Conv):
+        bias = None if op.bias is None else torch.cat([o.bias for o in ops])
+        return op.with_(weight=torch.cat([o.weight for o in ops]), bias=bias, groups=op.groups * len(ops))
+    if isinstance(op, Affine) and not op.is_scalar:
+        def joined(ts):
+            return ts[0] if ts[0] is None or ts[0].ndim == 0 else torch.cat(ts)
+        return op.with_(scale=joined([o.scale for o in ops]), shift=joined([o.shift for o in ops]))
+    return op
 
 
 def _evaluate(check: Check, steps: list, inputs: list[torch.Tensor]):
@@ -146,10 +196,12 @@ class Checks:
     (``start``), while the caller goes on (exporting, say). ``wait`` raises the first failure in the
     order the rewrites were applied."""
 
-    def __init__(self, batch: int = 128, workers: int | None = None):
+    def __init__(self, batch: int = 128, workers: int | None = None, budget: int = PENDING_BYTES):
         self.batch = batch
+        self.budget = budget
         self.workers = workers or max(1, min(2, torch.get_num_threads(), os.cpu_count() or 1))
         self.pending: list[tuple[int, Check]] = []
+        self.pending_bytes = self.running_bytes = 0
         self.ready = threading.Condition()
         self.done = self.cancelled = False
         self.count = 0
@@ -158,25 +210,39 @@ class Checks:
         self.thread.start()
 
     def submit(self, check: Check) -> None:
+        """Queue ``check``. A check keeps the tensors of the ops it compares alive (the absorbed ops' too)
+        until it has run: once the queued checks hold ``budget`` bytes they are run at once, and the caller
+        waits while twice that is held, so the memory of pending checks stays bounded."""
+        size = check.nbytes()
         with self.ready:
+            self.ready.wait_for(lambda: self.pending_bytes + self.running_bytes < 2 * self.budget or self.cancelled)
             self.pending.append((self.count, check))
+            self.pending_bytes += size
             self.count += 1
-            if len(self.pending) >= self.batch:
-                self.ready.notify()
+            if self._full():
+                self.ready.notify_all()
+
+    def _full(self) -> bool:
+        return len(self.pending) >= self.batch or self.pending_bytes >= self.budget
 
     def start(self) -> None:
         """No more checks will come: run what is left on every worker."""
         with self.ready:
             self.done = True
-            self.ready.notify()
+            self.ready.notify_all()
 
     def _work(self) -> None:
         while True:
             with self.ready:
-                self.ready.wait_for(lambda: self.done or len(self.pending) >= self.batch)
+                self.ready.wait_for(lambda: self.done or self._full())
                 taken, self.pending, last = self.pending, [], self.done
+                self.running_bytes, self.pending_bytes = self.pending_bytes, 0
             if taken and not self.cancelled:
                 self._run(taken, self.workers if last else 1)
+            del taken  # the checked ops' tensors may go now
+            with self.ready:
+                self.running_bytes = 0
+                self.ready.notify_all()
             if last:
                 return
 
@@ -209,15 +275,27 @@ def _expr_ops(e: Expr) -> list:
     return out
 
 
+def _shrinkable(op) -> bool:
+    """The op works the same on any spatial size (an affine or cat/slice not along a spatial axis)."""
+    if isinstance(op, Affine):
+        return op.axis is None or op.is_scalar or op.axis < 2
+    if isinstance(op, (Cat, Slice)):
+        return op.dim == 1
+    return isinstance(op, _SHRINKABLE)
+
+
 def check_shapes(leaves: list[Node], ops: list) -> list[tuple[int, ...]] | None:
     """Input shapes for the local check: batch 1; spatial axes shrunk when every op allows it."""
     if any(n.shape is None for n in leaves):
         return None
     shapes = [(1, *n.shape[1:]) for n in leaves]
     spatial = {s[2:] for s in shapes}
-    if len(spatial) == 1 and all(op.shrinkable for op in ops):
+    if len(spatial) == 1 and all(_shrinkable(op) for op in ops):
         # per window: its extent plus two strides less one (both borders, an interior position, every phase)
-        size = max([op.check_reach() for op in ops if op.check_reach()], default=3)
+        reach = [max(op.extent) + 2 * max(op.stride) - 1 for op in ops if isinstance(op, Conv) and op.nd]
+        reach += [max(op.kernel_size) + 2 * max(op.stride) - 1 for op in ops if isinstance(op, AvgPool)]
+        reach += [max(max(p) for p in op.pads) * 2 + 2 for op in ops if isinstance(op, Pad) and op.pads]
+        size = max(reach, default=3)
         shapes = [(*s[:2], *(min(n, size) for n in s[2:])) for s in shapes]
     return shapes
 
@@ -242,7 +320,9 @@ def _program(root: Node, expr: Expr, leaves: list[Node]) -> tuple[list, int, int
         steps.append((e.op, args))
         return len(leaves) + len(steps) - 1
 
-    return steps, old(root), new(expr)
+    result = steps, old(root), new(expr)
+    del old, new  # recursive closures are reference cycles: break them (the caller may run with gc paused)
+    return result
 
 
 def prepare(rule: str, root: Node, expr: Expr, absorbed: list[Node], seed: int) -> Check:

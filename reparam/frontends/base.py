@@ -30,10 +30,13 @@ class Region:
 @dataclass
 class Outputs:
     """Flat outputs on the probe inputs: ``exact`` in float64 (None where the front end cannot evaluate the
-    model in float64) and ``native`` in the model's own dtype(s) (None where it cannot run it)."""
+    model in float64), ``native`` in the model's own dtype(s) (None where it cannot run it), and ``rounding``, a
+    second run as deployed that rounds differently (it shows the outputs' magnitude when there is no float64
+    result), or None."""
 
     exact: list | None
     native: list | None
+    rounding: list | None = None
 
 
 class FrontEnd(Protocol):
@@ -68,6 +71,10 @@ class FrontEnd(Protocol):
 
     def exact(self, fused: Any, regions: list[Region]) -> list | None:
         """The fused result in float64, its new tensors computed (not cast) in float64; None if not evaluable."""
+
+    def recheck(self, fused: Any, regions: list[Region]) -> tuple[list, list] | None:
+        """Optional. The original's and the fused result's float64 outputs by the reference semantics (float64
+        copies of both), confirming a mismatch a cheaper float64 evaluation (``reference``/``exact``) found."""
 
     def native(self, fused: Any) -> list | None:
         """The fused result as deployed, in its own dtype(s)."""

@@ -153,12 +153,18 @@ class AtenFrontEnd:
 
     def reference(self, regions: list[Region]) -> Outputs:
         original = self._call(self.ep.module())
-        return Outputs(exact=verify_mod.run(original, self.probe, torch.float64),
+        return Outputs(exact=verify_mod.outputs_float64(original, self.probe),
                        native=verify_mod.run(original, self.probe))
 
+    def _twin(self, regions: list[Region]) -> nn.Module:
+        return self._call(_with_signature(export_region(regions[0], torch.float64), regions[0].source))
+
     def exact(self, fused: fx.GraphModule, regions: list[Region]) -> list:
-        twin = _with_signature(export_region(regions[0], torch.float64), regions[0].source)
-        return verify_mod.run(self._call(twin), self.probe, torch.float64)
+        return verify_mod.outputs_float64(self._twin(regions), self.probe)
+
+    def recheck(self, fused: fx.GraphModule, regions: list[Region]) -> tuple[list, list]:
+        return (verify_mod.run(self._call(self.ep.module()), self.probe, torch.float64),
+                verify_mod.run(self._twin(regions), self.probe, torch.float64))
 
     def native(self, fused: fx.GraphModule) -> list:
         return verify_mod.run(self._call(fused), self.probe)

@@ -141,11 +141,16 @@ class FxFrontEnd:
         return _shapes(self.inputs)
 
     def reference(self, regions: list[Region]) -> Outputs:
-        return Outputs(exact=verify_mod.run(self.model, self.probe, torch.float64),
-                       native=verify_mod.run(self.model, self.probe))
+        # float64 streamed (no float64 copy of the model); the original as it runs, on a copy of its modules
+        return Outputs(exact=verify_mod.outputs_float64(self.model, self.probe),
+                       native=verify_mod.run(verify_mod.eval_view(self.model), self.probe))
 
     def exact(self, fused: nn.Module, regions: list[Region]) -> list:
-        return verify_mod.run(float64_twin(fused, regions), self.probe, torch.float64)
+        return verify_mod.outputs_float64(float64_twin(fused, regions), self.probe)
+
+    def recheck(self, fused: nn.Module, regions: list[Region]) -> tuple[list, list]:
+        return (verify_mod.run(self.model, self.probe, torch.float64),
+                verify_mod.run(float64_twin(fused, regions), self.probe, torch.float64))
 
     def native(self, fused: nn.Module) -> list:
         return verify_mod.run(fused, self.probe)
