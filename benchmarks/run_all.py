@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ("repnext_bench", "zoo_bench", "onnx_bench", "fuse_cost")
+BENCHMARKS = ("repnext_bench", "zoo_bench", "onnx_bench", "onnx_real_bench", "fuse_cost")  # onnx_real after onnx
 
 
 def main() -> int:

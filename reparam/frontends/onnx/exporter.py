@@ -1,7 +1,12 @@
 """IR → ONNX: write the rewritten graph back through onnx-graphsurgeon.
 
-Unchanged nodes are re-emitted exactly as they were (same op, name, attributes, initializers), only
-their data inputs re-pointed; new ops become Conv/Gemm/MatMul/Mul/Add/Sub/Concat/Slice/Pad/
+Unchanged nodes are copied, never rebuilt: same op, name, domain, and their attributes taken from the
+original NodeProto byte for byte (so attributes onnx-graphsurgeon cannot re-encode, such as an empty ``axes``
+list, survive); only their inputs are re-pointed. A multi-output node is written once, however many of its
+outputs the graph reads (an omitted optional input included). Values the graph made constant (Constant
+nodes, shape arithmetic on static dims) are written as initializers, not nodes. IR versions below 4 require
+every initializer to be a graph input: there new tensors are written as Constant nodes instead, so the
+interface is unchanged.  new ops become Conv/Gemm/MatMul/Mul/Add/Sub/Concat/Slice/Pad/
 AveragePool/ReduceMean/Flatten nodes whose tensors live in NEW uniquely named initializers cast to
 the op's dtype (an existing initializer is never edited: several nodes may share it). Graph inputs,
 outputs (names, order, types), opset, IR version, producer, functions and metadata are the original's.
@@ -27,7 +32,8 @@ from reparam.core.checks import check_shapes, random_input
 from reparam.errors import ExportError, ReparamError
 from reparam.core.ir import Graph, Node
 from reparam.frontends.onnx.importer import OnnxOrigin, subgraph_names
-from reparam.core.ops import Affine, AvgPool, Cat, Conv, Flatten, Identity, Input, Linear, Mean, Pad, Slice, Sum
+from reparam.core.ops import (Affine, AvgPool, Cat, Conv, Flatten, Identity, Input, Linear, Mean, Opaque, Pad, Slice,
+                              Sum)
 
 _NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64}
 _TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}  # of the self-check, by deploy dtype (else 1e-2)
@@ -74,6 +80,16 @@ class OnnxExporter:
         self.outer_constants: set[str] = set()  # outer initializers some kept subgraph reads
         self.reserved: dict[str, int] = {}  # names claimed ahead for this IR node's value
         self.renamed: dict[tuple[int, str], gs.Variable] = {}  # (IR node, name): an Identity writing it
+        self.proto_of: dict[str, onnx.NodeProto] = {}  # first output name -> the original node, to copy
+        for proto in graph.node:
+            first = next((o for o in proto.output if o), None)
+            if first is not None:
+                self.proto_of[first] = proto
+        self.interface = {i.name for i in graph.input} | {o.name for o in graph.output}
+        for n in g.nodes:  # and what subgraphs read by name (onnx.checker wants those computed, not initializers)
+            if isinstance(n.origin, OnnxOrigin):
+                self.interface.update(n.origin.outer)
+        self.ir_version = model.ir_version
         for n in g.nodes:
             o = n.origin
             if isinstance(o, OnnxOrigin) and o.tensor:
@@ -172,6 +188,12 @@ class OnnxExporter:
         inits += [i for i in exported.initializer if i.name not in have]
         value_info = [vi for vi in self.model.graph.value_info if vi.name in produced]
         del g.node[:], g.initializer[:], g.value_info[:]
+        if result.ir_version < 4:  # initializers must be graph inputs there: new tensors become Constant nodes
+            listed = {i.name for i in self.model.graph.input}
+            constants = [onnx.helper.make_node("Constant", [], [i.name], name=self.fresh(f"{i.name}_constant"),
+                                               value=i) for i in inits if i.name not in listed]
+            inits = [i for i in inits if i.name in listed]
+            g.node.extend(constants)
         g.node.extend(exported.node)
         g.initializer.extend(inits)
         g.value_info.extend(value_info)
@@ -181,7 +203,9 @@ class OnnxExporter:
         if n.id in self.tensors:
             return self.tensors[n.id]
         o = n.origin
-        if isinstance(o, OnnxOrigin):
+        if isinstance(o, OnnxOrigin) and self.foldable(n, o):
+            t = gs.Constant(o.tensor, np.asarray(self.known[o.tensor]))
+        elif isinstance(o, OnnxOrigin):
             t = self.emit_original(n, o)
         else:
             xs = [self.emit(i) for i in n.inputs]
@@ -191,6 +215,17 @@ class OnnxExporter:
                 self.probes.append((n, xs, t, self.nodes[before:]))
         self.tensors[n.id] = t
         return t
+
+    def foldable(self, n: Node, o: OnnxOrigin) -> bool:
+        """A node whose value is known (folded on import) is written as an initializer under its own name:
+        not for interface tensors or names a subgraph reads, nor where initializers must be graph inputs (IR < 4)."""
+        if not (isinstance(n.op, Opaque) and n.op.value is not None and o.node is not None and o.tensor
+                and o.tensor in self.known and self.ir_version >= 4 and o.tensor not in self.interface):
+            return False
+        if o.tensor in self.claimed:
+            return False
+        self.claimed.add(o.tensor)
+        return True
 
     def check_emitted(self) -> None:
         """Run the nodes written for each new op (all in one onnxruntime session, each op on its own random
@@ -297,7 +332,7 @@ class OnnxExporter:
                 inputs.append(gs.Variable.empty())
             else:
                 inputs.append(mapping[t.name] if t.name in mapping else self.original(t.name))
-        key = (id(o.node), tuple(id(t) for t in inputs))
+        key = (id(o.node), tuple(t.name if t.name else "" for t in inputs))  # once per node and its inputs
         if key not in self.emitted:
             first = id(o.node) not in self.emitted_nodes
             self.emitted_nodes.add(id(o.node))
@@ -312,10 +347,13 @@ class OnnxExporter:
                     outs.append(gs.Variable(self.fresh(t.name)))
             name = o.node.name if first else self.fresh(o.node.name or o.node.op)
             attrs = dict(o.node.attrs)
-            proto = self.protos.get(id(o.node))
-            if proto is not None:  # its attributes are restored from the original after the export
-                attrs = {k: v for k, v in attrs.items() if not _holds_graph(v)}
+            first_out = next((t.name for t in o.node.outputs if t.name), None)
+            proto = self.protos.get(id(o.node)) or self.proto_of.get(first_out)
+            if proto is not None:  # copied: its attributes are restored from the original after the export
+                attrs = {}
                 self.restore[len(self.nodes)] = proto
+            elif any(_holds_graph(v) for v in attrs.values()):
+                raise ReparamError(f"internal error: the original of '{o.node.name}' was not found; please report it")
             self.nodes.append(gs.Node(o.node.op, name, attrs, inputs=inputs, outputs=outs, domain=o.node.domain))
             self.emitted[key] = outs
         return self.emitted[key][o.index]

@@ -119,6 +119,27 @@ def node_proto(n: gs.Node, opset: int) -> onnx.NodeProto:
     return gs.export_onnx(gs.Graph(nodes=[n], opset=opset), do_type_check=False).graph.node[0]
 
 
+def node_reference(proto: onnx.NodeProto, opset: int):
+    """``feeds → outputs`` (aligned with ``proto.output``, None for an omitted one) of one node in
+    ``onnx.reference`` at the model's opset. The node runs inside a one-node model: given a bare NodeProto,
+    ``ReferenceEvaluator`` ignores ``opsets`` and runs the newest version of the op (a Squeeze of opset 11 would
+    drop its ``axes`` attribute and squeeze every unit dim)."""
+    from onnx import helper
+    from onnx.reference import ReferenceEvaluator
+
+    domain = proto.domain or ""
+    graph = helper.make_graph([proto], "node", [helper.make_empty_tensor_value_info(i) for i in
+                                                dict.fromkeys(proto.input) if i],
+                              [helper.make_empty_tensor_value_info(o) for o in proto.output if o])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid(domain, opset)])
+    evaluator = ReferenceEvaluator(model)
+
+    def run(feeds: dict) -> list:
+        results = iter(evaluator.run(None, feeds))
+        return [next(results) if o else None for o in proto.output]
+    return run
+
+
 def _attr(node: gs.Node, name: str, default=None):
     v = node.attrs.get(name, default)
     return v.decode() if isinstance(v, bytes) else v
@@ -289,11 +310,8 @@ class OnnxImporter:
         if sum(np.asarray(self.const(t)).size for t in inputs) > _FOLD_LIMIT:
             return
         try:
-            from onnx.reference import ReferenceEvaluator
-
-            proto = node_proto(n, self.opset)
             feeds = {t.name: self.const(t) for t in inputs}
-            results = ReferenceEvaluator(proto, opsets={"": self.opset}).run(None, feeds)
+            results = node_reference(node_proto(n, self.opset), self.opset)(feeds)
         except Exception:
             return
         for t, v in zip(n.outputs, results):
