@@ -3,7 +3,7 @@ from reparam.core.pattern import P, X
 from reparam.core.rule import require, rule
 
 
-@rule(P(Affine, P(Permute, X("y"), name="perm"), name="bn"))
+@rule(P(Affine, P(Permute, X("y"), name="perm"), name="bn"), phase="fold")
 def affine_through_layout(y, perm, bn):
     """a(permute(y)) = permute(a'(y)): a per-channel affine after a permute (or transpose) moves before it, onto
     the axis it came from, a' acting on axis dims[k] of y when a acts on axis k of permute(y)

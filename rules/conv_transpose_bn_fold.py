@@ -4,7 +4,7 @@ from reparam.core.rule import require, rule
 from reparam.rules.conv_transpose import ConvTranspose
 
 
-@rule(P(Affine, P(ConvTranspose, X("x"), name="conv"), name="bn"))
+@rule(P(Affine, P(ConvTranspose, X("x"), name="conv"), name="bn"), phase="fold")
 def conv_transpose_bn_fold(x, conv, bn):
     """a(convT(x)) = convT'(x): W'[i, o, …] = W[i, o, …]·s[g·(out/g) + o] for i in group g, b' = b·s + t.
 

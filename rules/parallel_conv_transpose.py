@@ -1,10 +1,9 @@
 import torch
 import torch.nn.functional as F
 
-from reparam.core.ops import Sum
-from reparam.core.pattern import P
+from reparam.core.pattern import Many, P, SumOf, X
 from reparam.core.rule import require, rule
-from reparam.core.terms import joins_outer_sum, rebuild
+from reparam.core.terms import merged
 from reparam.rules.conv_transpose import ConvTranspose
 
 
@@ -47,34 +46,23 @@ def merge(ops: list[ConvTranspose], coeffs: list[float]) -> ConvTranspose:
     return first.with_(weight=weight, bias=bias, crop=tuple(crops))
 
 
-@rule(P(Sum, name="total"))
-def parallel_conv_transpose(total):
+@rule(SumOf(Many(P(ConvTranspose, X("x"), one_use=True), min=2, name="convs")), phase="merge")
+def parallel_conv_transpose(total, x, convs, rest):
     """Σ cᵢ·convTᵢ(x) = convT(x): kernels zero-padded so their output alignment matches, summed; biases summed.
 
     Exact when the transposed convs read the same x with equal stride, dilation, groups and channels, give the
     same output shape, and their front crops differ by multiples of the dilation (see ``merge``).
     """
-    if joins_outer_sum(total):  # merge once, at the root of the sum tree
-        return None
     groups: dict = {}
-    for k, (n, c) in enumerate(zip(total.inputs, total.op.coeffs)):
-        if isinstance(n.op, ConvTranspose) and len(n.users) == 1 and n.shape is not None:
-            groups.setdefault((n.inputs[0].id, _key(n.op), n.shape), []).append((k, n, c))
-    siblings = {}
-    for (src, key, shape), terms in groups.items():
-        siblings.setdefault(src, set()).add((key, shape))
-    for (src, key, shape), terms in groups.items():
-        if len(terms) < 2:
-            continue
-        try:
-            merged = merge([n.op for _, n, _ in terms], [c for _, _, c in terms])
-        except ValueError as err:
-            require(False, f"transposed-conv branches are misaligned: {err}")
-        require(merged.output_shape([terms[0][1].inputs[0].shape]) == shape,
-                "the merged transposed conv would change the output size")
-        k0, n0, _ = terms[0]
-        return rebuild(total, {k0: (merged(n0.inputs[0]), 1.0)}, {k for k, _, _ in terms[1:]})
-    mixed = next((s for s in siblings.values() if len(s) > 1), None)
-    require(mixed is None, "sibling transposed convs of one input differ in stride, dilation, groups, channels or "
+    for t in convs:
+        if t.node.shape is not None:
+            groups.setdefault((_key(t.node.op), t.node.shape), []).append(t)
+    same = next((g for g in groups.values() if len(g) >= 2), None)
+    require(same is not None, "sibling transposed convs of one input differ in stride, dilation, groups, channels or "
             "output size")
-    return None
+    try:
+        one = merge([t.node.op for t in same], [t.coeff for t in same])
+    except ValueError as err:
+        require(False, f"transposed-conv branches are misaligned: {err}")
+    require(one.output_shape([x.shape]) == same[0].node.shape, "the merged transposed conv would change the output size")
+    return merged(total, same, one(x))

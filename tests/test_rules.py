@@ -351,9 +351,10 @@ def test_serial_merge(data, form):
 
 
 @given(st.data(), st.booleans())
-def test_serial_merge_separable(data, strided):
+def test_serial_into_sibling(data, strided):
     """Depthwise 1×k (no bias) → k×1, optionally stride (1, 2) then (2, 1), beside a k×k depthwise conv of x
-    (RepNeXt): the chain merges into a k×k and the k×k siblings into one conv."""
+    (RepNeXt): the chain (costlier alone than its two convs) merges into a k×k because the sibling covers it,
+    and the k×k siblings into one conv."""
     c = data.draw(st.integers(1, 8))
     k = data.draw(st.sampled_from([3, 5, 7]))
     p = k // 2
@@ -363,7 +364,7 @@ def test_serial_merge_separable(data, strided):
     square = nn.Conv2d(c, c, k, s, p, groups=c, bias=data.draw(st.booleans()))
     model = build(Branches([nn.Sequential(row, col), square], [1.0, 1.0]), data.draw)
     x = example(data.draw, 2, c, k)
-    fused, _, n = fuse_fired("serial_merge", model, x, times=1)
+    fused, _, n = fuse_fired("serial_into_sibling", model, x, times=1)
     assert n["convs"] == 1
     conv = next(m for m in fused.modules() if isinstance(m, nn.Conv2d))
     assert conv.kernel_size == (k, k) and conv.stride == (s, s) and conv.groups == c
@@ -532,8 +533,8 @@ def test_affine_through_layout(data, producer, how):
 # ------------------------------------------------------------------------------------------- coverage
 TESTED = {"identity_elim", "sum_flatten", "pad_fold", "conv_bn_fold", "affine_merge", "concat_affine_split",
           "scale_fold", "identity_to_conv", "avgpool_to_conv", "dilated_to_dense", "groups_merge",
-          "parallel_sum_pad", "linear_sum", "serial_merge", "bn_prefold", "affine_through_pool", "affine_before_flatten",
-          "affine_through_layout"}
+          "parallel_sum_pad", "linear_sum", "serial_merge", "serial_into_sibling", "bn_prefold", "affine_through_pool",
+          "affine_before_flatten", "affine_through_layout"}
 
 
 def test_every_builtin_rule_has_a_property_test():

@@ -307,13 +307,12 @@ def test_averaged_normalized_heads_become_one_linear(c, classes, seed):
 
 @given(st.data())
 def test_serial_merge_predicts_the_composite_shape_without_building_it(data):
-    """The shape serial_merge's cost guard uses is exactly the composed conv's (groups, stride, extent, MACs)."""
-    import importlib
-
+    """The shape serial_merge's cost guard (and serial_into_sibling's cover test) uses is exactly the composed
+    conv's (groups, stride, extent, MACs)."""
     from reparam.core import opmath
     from reparam.core.ops import Conv
+    from reparam.rules._serial import composite_shape
 
-    serial_merge = importlib.import_module("rules.serial_merge")
     nd = data.draw(st.integers(1, 2))
     axis = lambda values: st.tuples(*[st.sampled_from(values)] * nd)  # noqa: E731
     g1, g2 = data.draw(st.sampled_from([1, 2, 4])), data.draw(st.sampled_from([1, 2, 4]))
@@ -322,7 +321,7 @@ def test_serial_merge_predicts_the_composite_shape_without_building_it(data):
              data.draw(axis([1, 2])), ((0, 0),) * nd, data.draw(axis([1, 2, 3])), g1)
     b = Conv(torch.randn(c2, c1 // g2, *data.draw(axis([1, 2, 3])), dtype=torch.float64), None,
              data.draw(axis([1, 2])), ((0, 0),) * nd, data.draw(axis([1, 2])), g2)
-    composed, shape = opmath.compose(a, b), serial_merge._composite_shape(a, b)
+    composed, shape = opmath.compose(a, b), composite_shape(a, b)
     assert (shape.groups, shape.stride, shape.extent, shape.macs) == \
         (composed.groups, composed.stride, composed.extent, opmath.macs_per_pixel(composed))
 
