@@ -17,18 +17,32 @@ def rule_catalogue(rules: Sequence[Rule] | None = None) -> list[tuple[str, str, 
     return [(r.name, r.identity, r.doc.strip()) for r in chosen]
 
 
+def where(rule: Rule) -> str | None:
+    """Where a built-in rule and its tests live: ``rules/<file>.py`` and ``tests/rules/test_<file>.py``."""
+    module = getattr(rule.fn, "__module__", "")
+    if not module.startswith("reparam.rules."):
+        return None
+    stem = module.rsplit(".", 1)[-1]
+    return f"Source: `rules/{stem}.py` · tests: `tests/rules/test_{stem}.py` · phase: `{rule.phase}`"
+
+
 def render_markdown(rules: Sequence[Rule] | None = None) -> str:
     """A Markdown page: a summary table (name → identity) then one section per rule with its full doc."""
-    entries = rule_catalogue(rules)
+    chosen = builtin_rules() if rules is None else list(rules)
+    entries = rule_catalogue(chosen)
     lines = ["# Built-in rules", "",
              "Generated from the rules' docstrings by `reparam.cli.catalogue.render_markdown()` "
-             "(`reparam rules` prints the same list). The engine tries them in this order at every node; "
-             "the first rule that applies wins.", "",
+             "(`reparam rules` prints the same list). The rules are grouped in phases (canonicalize, fold, normalize, "
+             "merge, serial, forward-fold): the earliest phase with pending nodes acts, and within a phase the engine "
+             "tries the rules in this order at each node; the first that applies wins. Each rule's source and tests "
+             "sit side by side: `rules/<file>.py` and `tests/rules/test_<file>.py`.", "",
              "| # | rule | identity |", "|---|------|----------|"]
     for i, (name, identity, _) in enumerate(entries, 1):
         lines.append(f"| {i} | [`{name}`](#{name}) | {_cell(identity)} |")
-    for name, identity, doc in entries:
+    for rule, (name, identity, doc) in zip(chosen, entries):
         lines += ["", f"## {name}", "", doc or identity]
+        if where(rule):
+            lines += ["", where(rule)]
     return "\n".join(lines) + "\n"
 
 
