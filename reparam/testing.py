@@ -39,7 +39,8 @@ from reparam.frontends.fx.counting import count_model
 from reparam.core.rule import Rule
 
 __all__ = ["ConvSpec", "conv_specs", "bn_stats", "set_bn_stats", "randomize_bn", "randomize_params", "LinearBlockCase",
-           "linear_blocks", "assert_equivalent", "assert_fires", "assert_refuses", "count_ops"]
+           "linear_blocks", "assert_equivalent", "assert_fires", "assert_refuses", "assert_fires_everywhere", "count_ops",
+           "onnx_of"]
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
@@ -542,8 +543,9 @@ def assert_refuses(rule: Rule | str, model: nn.Module, inputs, reason_contains: 
     return fused, report
 
 
-def _onnx_of(model: nn.Module, inputs: tuple):
-    """``model`` exported by torch.onnx.export (TorchScript exporter, opset 17, no constant folding) to bytes."""
+def onnx_of(model: nn.Module, inputs: tuple, *, fold: bool = False, **export_options):
+    """``model`` exported by torch.onnx.export (TorchScript exporter, opset 17, constant folding only if ``fold``)
+    to bytes and read back as an ``onnx.ModelProto``: the ONNX twin of a test model."""
     import io
     import warnings
 
@@ -552,7 +554,8 @@ def _onnx_of(model: nn.Module, inputs: tuple):
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, inputs, buffer, dynamo=False, opset_version=17, do_constant_folding=False)
+        torch.onnx.export(model, inputs, buffer, dynamo=False, opset_version=17, do_constant_folding=fold,
+                          **export_options)
     return onnx.load_from_string(buffer.getvalue())
 
 
@@ -572,7 +575,7 @@ def assert_fires_everywhere(rule: Rule | str, model: nn.Module, inputs, times: i
     name = _rule_name(rule, base, extra)
     fused, fx_report = assert_fires(rule, model, inputs, times, rules=rules, extra_rules=extra_rules, rtol=rtol)
     model32 = copy.deepcopy(model).to(torch.float32).eval()
-    proto = _onnx_of(model32, tuple(t.to(torch.float32) for t in _as_tuple(inputs)))
+    proto = onnx_of(model32, tuple(t.to(torch.float32) for t in _as_tuple(inputs)))
     try:
         out, onnx_report = fuse_onnx(proto, rules=base, extra_rules=extra, tolerance=onnx_rtol, report=True)
     except ReparamError as err:

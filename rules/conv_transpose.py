@@ -18,13 +18,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from reparam.core import vocabulary as vocab
-from reparam.core.ops import Op, f64
+from reparam.core.ops import KernelGeometry, Op, f64
 
 Pairs = tuple[tuple[int, int], ...]
 
 
 @dataclass(frozen=True, eq=False)
-class ConvTranspose(Op):
+class ConvTranspose(KernelGeometry, Op):
     """N-d transposed convolution (nd = weight.ndim − 2), output cropped by ``crop`` (lo, hi) per axis."""
 
     weight: torch.Tensor
@@ -35,24 +35,12 @@ class ConvTranspose(Op):
     groups: int = 1
 
     @property
-    def nd(self) -> int:
-        return self.weight.ndim - 2
-
-    @property
     def in_channels(self) -> int:
         return self.weight.shape[0]
 
     @property
     def out_channels(self) -> int:
         return self.weight.shape[1] * self.groups
-
-    @property
-    def kernel_size(self) -> tuple[int, ...]:
-        return tuple(self.weight.shape[2:])
-
-    @property
-    def extent(self) -> tuple[int, ...]:
-        return tuple(d * (k - 1) + 1 for d, k in zip(self.dilation, self.kernel_size))
 
     def torch_form(self) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
         """(padding, output_padding) of the torch op computing exactly this, None if torch has none."""

@@ -20,6 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import reparam
 from reparam.frontends.onnx.backend import relative_error, run_ort
+from reparam.testing import onnx_of
 
 warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
 GEN = torch.Generator().manual_seed(0)
@@ -45,12 +46,7 @@ def bn(c, d=2):
 
 
 def export(module: nn.Module, shape, fold=False, **kw) -> onnx.ModelProto:
-    f = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module.eval(), (torch.randn(shape),), f, dynamo=False, opset_version=17,
-                          do_constant_folding=fold, **kw)
-    return onnx.load_from_string(f.getvalue())
+    return onnx_of(module.eval(), (torch.randn(shape),), fold=fold, **kw)
 
 
 def ops(model) -> Counter:

@@ -4,9 +4,7 @@ bisection and progress on every front end, and the caller's process state restor
 from __future__ import annotations
 
 import gc
-import io
 import math
-import warnings
 import weakref
 
 import numpy as np
@@ -21,6 +19,7 @@ from reparam.core.ops import Conv
 from reparam.core.pattern import P, X
 from reparam.frontends import verify
 from reparam.frontends.pipeline import process_state_kept
+from reparam.testing import onnx_of
 
 GEN = torch.Generator().manual_seed(0)
 
@@ -36,12 +35,7 @@ def bn(c):
 
 
 def to_onnx(module: nn.Module, shape) -> onnx.ModelProto:
-    f = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module.eval(), (torch.randn(shape),), f, dynamo=False, opset_version=17,
-                          do_constant_folding=False)
-    return onnx.load_from_string(f.getvalue())
+    return onnx_of(module.eval(), (torch.randn(shape),))
 
 
 def old_metric(got, want) -> float:

@@ -63,8 +63,26 @@ class Op:
         return Expr(self, tuple(inputs))
 
 
+class KernelGeometry:
+    """The geometry every op with a ``weight`` of shape (·, ·, k₁, …, k_nd) and a ``dilation`` has (mixed into
+    Conv, and into op kinds such as ConvTranspose)."""
+
+    @property
+    def nd(self) -> int:
+        return self.weight.ndim - 2
+
+    @property
+    def kernel_size(self) -> tuple[int, ...]:
+        return tuple(self.weight.shape[2:])
+
+    @property
+    def extent(self) -> tuple[int, ...]:
+        """Receptive extent per axis: dilation·(k−1)+1."""
+        return tuple(d * (k - 1) + 1 for d, k in zip(self.dilation, self.kernel_size))
+
+
 @dataclass(frozen=True, eq=False)
-class Conv(Op):
+class Conv(KernelGeometry, Op):
     """N-d convolution (nd = weight.ndim - 2), zero padding given per axis as (lo, hi)."""
 
     weight: torch.Tensor
@@ -76,25 +94,12 @@ class Conv(Op):
     padding_mode: str = "zeros"
 
     @property
-    def nd(self) -> int:
-        return self.weight.ndim - 2
-
-    @property
     def out_channels(self) -> int:
         return self.weight.shape[0]
 
     @property
     def in_channels(self) -> int:
         return self.weight.shape[1] * self.groups
-
-    @property
-    def kernel_size(self) -> tuple[int, ...]:
-        return tuple(self.weight.shape[2:])
-
-    @property
-    def extent(self) -> tuple[int, ...]:
-        """Receptive extent per axis: dilation·(k−1)+1."""
-        return tuple(d * (k - 1) + 1 for d, k in zip(self.dilation, self.kernel_size))
 
     @property
     def is_padded(self) -> bool:

@@ -2,8 +2,6 @@
 relative error ≤ 1e-9) and fusing traps (relative error ≤ 1e-12, refusals read by rule name)."""
 from __future__ import annotations
 
-import io
-import warnings
 from collections import Counter
 
 import numpy as np
@@ -14,7 +12,7 @@ from hypothesis import strategies as st
 
 import reparam
 from reparam.frontends.onnx.backend import relative_error, run_ort
-from reparam.testing import assert_equivalent, conv_specs, ConvSpec, count_ops, randomize_params
+from reparam.testing import ConvSpec, assert_equivalent, conv_specs, count_ops, onnx_of, randomize_params
 
 
 RTOL = 1e-9
@@ -178,12 +176,7 @@ def kinds(model) -> Counter:
 
 
 def export(module: nn.Module, shape) -> onnx.ModelProto:
-    f = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module.eval(), (torch.randn(shape),), f, dynamo=False, opset_version=17,
-                          do_constant_folding=False)
-    return onnx.load_from_string(f.getvalue())
+    return onnx_of(module.eval(), (torch.randn(shape),))
 
 
 def fuse_onnx_checked(model, shape):

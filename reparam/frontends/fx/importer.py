@@ -25,9 +25,8 @@ from reparam.core import vocabulary as vocab
 import reparam.rules  # noqa: F401  (the built-in op kinds beyond the core vocabulary register themselves)
 from reparam.frontends.fx.capture import has_hooks
 from reparam.core.ir import Graph, Node
-from reparam.core.ops import per_axis
 from reparam.core.ops import (Affine, AvgPool, Cat, Conv, Flatten, Identity, Input, Linear, Mean, Opaque, Pad, Permute,
-                              Slice, Sum, f64)
+                              Slice, Sum, f64, per_axis)
 from reparam.frontends.fx.nodes import FxOrigin, fx_dtype, fx_shape, scoped_name
 from reparam.frontends.fx.shapes import same_forward
 

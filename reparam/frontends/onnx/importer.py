@@ -32,8 +32,8 @@ import reparam.rules  # noqa: F401  (the built-in op kinds beyond the core vocab
 from reparam.errors import ReparamError
 from reparam.core.ir import Graph, Node
 from reparam.frontends.onnx.shapes import Shape, infer, value_infos, with_known
-from reparam.core.ops import per_axis
-from reparam.core.ops import (Affine, AvgPool, Cat, Conv, Flatten, Identity, Input, Linear, Mean, Opaque, Pad, Slice, Sum, output_shape)
+from reparam.core.ops import (Affine, AvgPool, Cat, Conv, Flatten, Identity, Input, Linear, Mean, Opaque, Pad, Slice, Sum,
+                              output_shape, per_axis)
 
 ONNX_TO_TORCH = {onnx.TensorProto.FLOAT: torch.float32, onnx.TensorProto.FLOAT16: torch.float16,
                  onnx.TensorProto.BFLOAT16: torch.bfloat16, onnx.TensorProto.DOUBLE: torch.float64}
