@@ -23,7 +23,8 @@ from reparam.frontends.pipeline import gc_paused, mismatch
 from reparam.core.ir import Graph
 from reparam.frontends.rulesets import select_rules
 from reparam.core.report import Report, Verification
-from reparam.frontends.fx.counting import count_model
+from reparam.frontends.fx import dropin
+from reparam.frontends.fx.counting import count_model, count_run
 from reparam.core.rule import Rule
 
 
@@ -40,17 +41,17 @@ def _shapes(inputs: tuple) -> list[list[int]]:
     return [list(t.shape) for t in leaves if isinstance(t, torch.Tensor)]
 
 
-def _rewrite(model: nn.Module, inputs, rules, check, stop_after, report: Report):
-    """Capture ``model`` (in eval mode for the while), rewrite every region, write the regions back into
-    a copy. The model itself is left as it was.
+def _rewrite(model: nn.Module, inputs, rules, check, stop_after, report: Report, form: str = "auto"):
+    """Capture ``model`` (in eval mode for the while), rewrite it, and build the deploy model from a copy.
+    The model itself is left as it was.
 
-    Returns the deploy model and a function building its twin whose new tensors are float64 (for exact
-    verification; built only when it is needed)."""
+    Returns the deploy model, a function building its twin whose new tensors are float64 (for exact
+    verification; built only when it is needed), and the form chosen (see :func:`_deploy_forms`)."""
     with eval_mode(model):
-        return _rewrite_eval(model, inputs, rules, check, stop_after, report)
+        return _rewrite_eval(model, inputs, rules, check, stop_after, report, form)
 
 
-def _rewrite_eval(work: nn.Module, inputs, rules, check, stop_after, report: Report):
+def _rewrite_eval(work: nn.Module, inputs, rules, check, stop_after, report: Report, form: str):
     cap = capture(work, inputs)
     if inputs is not None and cap.regions and cap.regions[0].path == "" and not cap.shaped:
         try:
@@ -59,22 +60,30 @@ def _rewrite_eval(work: nn.Module, inputs, rules, check, stop_after, report: Rep
             raise CaptureError(f"the model does not run on inputs of shape {_shapes(inputs)}: "
                                f"{type(err).__name__}: {err}") from err
     report.opaque.update(cap.opaque)
+    if cap.regions and cap.regions[0].path == "":
+        whole = rewrite_graph_module(cap.regions[0].gm, rules, check, stop_after, report)
+        return _deploy_forms(work, whole, inputs, rules, check, stop_after, report, form)
     if cap.opaque.get("") and cap.regions:
         report.notes.append(f"the model's forward could not be traced as a whole ({cap.opaque['']}); "
                             f"{len(cap.regions)} traceable submodule(s) were fused separately")
+    result, twin = _fuse_regions(work, cap, inputs, rules, check, stop_after, report)
+    return result, twin, "regions"
+
+
+def _fuse_regions(work: nn.Module, cap, inputs, rules, check, stop_after, report: Report):
+    """Rewrite each region of ``cap`` and put them in place in a copy of ``work`` (see :func:`_assemble`);
+    ``stop_after`` counts the rewrites of all regions together, in order."""
     rewritten: list[tuple[str, Rewritten]] = []
     budget = stop_after
     for region in cap.regions:
         done = rewrite_graph_module(region.gm, rules, check, budget, report, region.path)
-        if not region.path:
-            return done.fused, done.float64_twin
         rewritten.append((region.path, done))
         if budget is not None:
             budget = max(budget - done.count, 0)
     result, kept = _assemble(work, rewritten, inputs, report)
 
     def twin() -> nn.Module:
-        out = copy.deepcopy(result)
+        out = dropin.uninstalled(copy.deepcopy(result))  # the regions' own forward (a graph is put on later)
         for path, done in kept:
             region64 = done.float64_twin()
             carry_attributes(out.get_submodule(path), region64)
@@ -82,6 +91,56 @@ def _rewrite_eval(work: nn.Module, inputs, rules, check, stop_after, report: Rep
         return out
 
     return result, twin
+
+
+def _deploy_forms(work: nn.Module, whole: "Rewritten", inputs, rules, check, stop_after, report: Report,
+                  form: str):
+    """The deploy model of a model traced whole (docs/design.md, "Drop-in deploy models"), in one form:
+
+    - 'graph': the fused GraphModule itself (for a torch.nn container or GraphModule given as the model,
+      which have no methods of their own to keep);
+    - 'sealed': an instance of the model's class holding only its plain attributes and the graph, installed
+      as its forward (a class with no public method but forward);
+    - 'regions': an instance of the model's class, each submodule its code can observe fused in place;
+    - 'installed': 'regions' with the whole graph installed as its forward, when the graph runs fewer convs
+      or BatchNorms on the example input than the regions do.
+    'auto' picks the form; the others rebuild a given one (bisection)."""
+    if form == "auto":
+        if type(work) in dropin.CONTAINERS or isinstance(work, fx.GraphModule):
+            form = "graph"
+        elif dropin.is_sealed(type(work)):
+            form = "sealed"
+    if form == "graph":
+        return whole.fused, whole.float64_twin, form
+    if form == "sealed":
+        return (dropin.install(dropin.shell(work), whole.fused, sealed=True),
+                lambda: dropin.install(dropin.shell(work), whole.float64_twin(), sealed=True), form)
+    regions_report = Report()
+    cap = dropin.boundary_capture(work, inputs)
+    result, twin = _fuse_regions(work, cap, inputs, rules, check, stop_after, regions_report)
+    if form == "auto":
+        form = "regions"
+        if inputs is not None and not isinstance(work, dropin.CONTAINERS):
+            by_regions, by_graph = count_run(result, inputs), count_run(whole.fused, inputs)
+            if by_regions["convs"] > by_graph["convs"] or by_regions["bns"] > by_graph["bns"]:
+                form = "installed"
+                report.notes.append(
+                    f"forward runs the whole fused graph ({by_graph['convs']} convs, {by_graph['bns']} BatchNorms "
+                    f"on the example input); the model's other methods run its fused submodules "
+                    f"({by_regions['convs']} convs, {by_regions['bns']} BatchNorms through forward's own code)")
+    if form == "regions":
+        _replace_log(report, regions_report)
+        return result, twin, form
+    report.opaque.update(regions_report.opaque)
+    return (dropin.install(result, whole.fused, sealed=False),
+            lambda: dropin.install(twin(), whole.float64_twin(), sealed=False), form)
+
+
+def _replace_log(report: Report, by: Report) -> None:
+    """``report`` tells what ``by`` (the rewrite of the form kept) did, instead of the whole graph's rewrite."""
+    report.rules_fired, report.refusals = by.rules_fired, by.refusals
+    report.notes.extend(n for n in by.notes if n not in report.notes)
+    report.opaque.update(by.opaque)
 
 
 def _assemble(work: nn.Module, rewritten: list, inputs, report: Report):
@@ -163,7 +222,8 @@ def rewrite_graph_module(gm: fx.GraphModule, rules, check, stop_after, report: R
 def fuse(model: nn.Module, example_inputs=None, *, rules: Sequence[Rule] | None = None,
          extra_rules: Sequence[Rule] = (), disable: Sequence[str] = (), only: Sequence[str] | None = None,
          verify: bool = True, check: bool = True, tolerance: float = verify_mod.DEFAULT_TOLERANCE,
-         report: bool = False, progress: Callable[[str], None] | None = None, _stop_after: int | None = None):
+         report: bool = False, progress: Callable[[str], None] | None = None, keep_class: bool = True,
+         _stop_after: int | None = None):
     """Fuse ``model``'s reparameterizable structure; return the deploy module (and a Report if asked).
 
     The input model is never modified: fusion runs on an eval-mode copy. ``example_inputs`` (a tensor or a
@@ -172,6 +232,9 @@ def fuse(model: nn.Module, example_inputs=None, *, rules: Sequence[Rule] | None 
     ``disable``/``only`` pick rules by name. With ``verify`` the result is compared end to end with the
     original in float64 and a mismatch raises :class:`VerificationError` naming the rewrite responsible.
     ``progress``, if given, is called with the name of each long step as it starts ('rewrite', 'verify').
+    With ``keep_class`` (the default) the deploy model is an instance of the model's class with its
+    attributes and methods (docs/design.md, "Drop-in deploy models"); without it, a model traced whole
+    comes back as one fused ``torch.fx.GraphModule``.
     """
     if not isinstance(model, nn.Module):
         raise ReparamError(f"fuse() needs a torch.nn.Module, got {type(model).__name__}")
@@ -192,19 +255,28 @@ def fuse(model: nn.Module, example_inputs=None, *, rules: Sequence[Rule] | None 
     t0 = time.perf_counter()
     if progress is not None:
         progress("rewrite")
-    fused, twin = _rewrite(model, inputs, chosen, check, _stop_after, rep)
+    fused, twin, form = _rewrite(model, inputs, chosen, check, _stop_after, rep, "auto" if keep_class else "graph")
     rep.seconds["rewrite"] = time.perf_counter() - t0
     if verify and inputs is not None and _stop_after is None:
         t0 = time.perf_counter()
         if progress is not None:
             progress("verify")
-        rep.verification = _verify(model, fused, twin(), inputs, tolerance)
+        fused64 = twin()
+        rep.verification = _verify(model, fused, fused64, inputs, tolerance)
+        checked = form
+        if rep.verification.passed and form == "installed":  # the fused submodules the other methods run
+            checked = "regions"
+            with dropin.own_forward(fused), dropin.own_forward(fused64):
+                rep.verification = _verify(model, fused, fused64, inputs, tolerance)
         rep.seconds["verify"] = time.perf_counter() - t0
         if not rep.verification.passed:
             def right_after(k: int) -> bool:
-                partial, partial_twin = _rewrite(model, inputs, chosen, check, k, Report())
+                partial, partial_twin, _ = _rewrite(model, inputs, chosen, check, k, Report(), checked)
                 return _verify(model, partial, partial_twin(), inputs, tolerance).passed
 
+            if checked != form:  # the log of the regions' rewrite, which the bisection counts
+                _rewrite(model, inputs, chosen, check, None, regions_rep := Report(), checked)
+                _replace_log(rep, regions_rep)
             raise mismatch("model", rep, tolerance, right_after, lambda: _misread(model, inputs))
     elif not verify:
         rep.verification.skipped = "disabled by the caller"

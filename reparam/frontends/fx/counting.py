@@ -51,3 +51,24 @@ def count_model(model: nn.Module) -> Counts:
         elif isinstance(m, nn.Linear) or (n.op == "call_function" and n.target in _LINEAR_FUNCS):
             c["linears"] += 1
     return Counts(c["ops"], c["convs"], c["bns"], c["linears"], count_params(model))
+
+
+def count_run(model: nn.Module, inputs: tuple) -> Counter:
+    """The convolutions and batch norms ``model`` runs on ``inputs`` (ATen calls seen by a dispatch mode,
+    so a module called twice counts twice and functional calls count too): {'convs': n, 'bns': m}."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = Counter(convs=0, bns=0)
+
+    class Counting(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if "convolution" in name and "backward" not in name:
+                seen["convs"] += 1
+            elif "batch_norm" in name and "backward" not in name and "stats" not in name:
+                seen["bns"] += 1
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Counting():
+        model(*inputs)
+    return seen
