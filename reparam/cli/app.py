@@ -324,7 +324,7 @@ def fuse(model: ModelArg,
         t0 = time.perf_counter()
         targets = [output] + ([report] if report is not None else [])
         with steps.step(f"writing {output} ({fmt})"), atomic_paths(*targets) as temps:  # all or nothing
-            write_model(fused, temps[0], fmt, inputs)
+            write_model(loaded.packed(fused) if fmt == "pt" else fused, temps[0], fmt, inputs)
             rep.seconds["write"] = time.perf_counter() - t0
             doc = {"input": model, "output": str(output), "format": fmt, "report": rep.to_dict()}
             if report is not None:
