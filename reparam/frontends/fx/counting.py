@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from reparam.core.report import Counts
 from reparam.frontends.fx.capture import has_hooks, trace
+from reparam.frontends.fx.dropin import installed_graph
 
 _CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _CONV_FUNCS = {F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d}
@@ -22,7 +23,11 @@ def count_params(model: nn.Module) -> int:
 
 
 def count_model(model: nn.Module) -> Counts:
-    """Count calls in the model's FX graph (recursing into fused sub-graphs); modules when untraceable."""
+    """Count calls in the model's FX graph (recursing into fused sub-graphs; for a drop-in model with an
+    installed graph, that graph and its parameters); modules when untraceable."""
+    installed = installed_graph(model)
+    if installed is not None:  # a drop-in model whose forward runs one graph: count that graph
+        model = installed
     try:
         gm = model if isinstance(model, fx.GraphModule) else trace(model)
     except Exception:

@@ -147,6 +147,15 @@ def shell(model: nn.Module) -> nn.Module:
     return new
 
 
+def forward_graph(model: nn.Module) -> fx.GraphModule:
+    """The graph ``model``'s forward runs: its installed graph, the model itself if it is a GraphModule, else
+    its trace (through its fused submodules)."""
+    graph = installed_graph(model)
+    if graph is not None:
+        return graph
+    return model if isinstance(model, fx.GraphModule) else trace(model)
+
+
 def install(model: nn.Module, graph: nn.Module, *, sealed: bool) -> nn.Module:
     """``model`` (an instance of its class) whose ``forward`` runs ``graph``. A sealed model keeps nothing but
     its plain attributes and the graph; otherwise its fused children stay for its other methods."""
