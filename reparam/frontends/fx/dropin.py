@@ -5,8 +5,9 @@ so the deploy model must too. Two views of the same model are built (see docs/de
 
 - **boundary regions**: the model's own code runs, and each submodule it may observe is fused in place. The
   root and every container (``nn.Sequential``, ``nn.ModuleList``, ``nn.ModuleDict``: code indexes and iterates
-  them, e.g. ``forward_intermediates``) are kept as they are; every other submodule with parameters that the
-  example input reaches is traced and fused whole (else searched inside). Every public method then computes
+  them, e.g. ``forward_intermediates``) are kept as they are, unless the container holds only torch.nn layers
+  (``nn.Sequential(conv, bn, act)``); every other submodule with parameters that the example input reaches is
+  traced and fused whole (else searched inside); a lone torch.nn layer is left as it is. Every public method then computes
   what it did, through fused children.
 - **the whole graph**: the root traced as one graph, so folds cross those boundaries (a BatchNorm that is a
   sibling of the conv before it). When it runs fewer convs or BatchNorms than the boundary regions on the
@@ -52,7 +53,9 @@ def _capture_below(module: nn.Module, prefix: str, recorded: dict[str, tuple], o
             continue  # nothing to fuse inside
         if recorded and path not in recorded:
             continue  # not reached by the example input: its shapes are unknown, it stays as it was
-        if not isinstance(child, CONTAINERS) and not has_hooks(child):
+        if _is_layer(child):
+            continue  # one torch.nn layer: nothing to fuse inside it on its own
+        if (not isinstance(child, CONTAINERS) or all(_is_layer(c) for c in child.children())) and not has_hooks(child):
             try:
                 gm = trace(child)
                 inputs = recorded.get(path)
@@ -62,6 +65,11 @@ def _capture_below(module: nn.Module, prefix: str, recorded: dict[str, tuple], o
             except Exception as err:
                 out.opaque[path] = _first_line(err)
         _capture_below(child, path, recorded, out)
+
+
+def _is_layer(m: nn.Module) -> bool:
+    """A torch.nn layer (not a container): torch.fx keeps it as one call."""
+    return not isinstance(m, CONTAINERS) and fx.Tracer().is_leaf_module(m, "")
 
 
 @functools.lru_cache(maxsize=None)
