@@ -184,6 +184,8 @@ def test_sealed_class_holds_only_the_graph():
     assert count_run(fused, (x,)) == {"convs": 1, "bns": 0}
     assert close(roundtrip(fused)(x), model(x))
     assert "ConvBN(" in repr(fused)
+    exported = torch.export.export(fused, (x,)).module()  # torch.export reads the installed forward
+    assert close(exported(x), model(x))
 
 
 def test_container_stays_a_graph():

@@ -123,6 +123,20 @@ class DeployForward:
                 return False
         return not has_hooks(self.owner._modules[GRAPH_NAME])
 
+    def _target(self):
+        return self.owner._modules[GRAPH_NAME].forward if self.valid() else \
+            type(self.owner).forward.__get__(self.owner)
+
+    @property
+    def __code__(self):  # what torch.export and inspect read of a forward
+        return self._target().__code__
+
+    @property
+    def __signature__(self):
+        import inspect
+
+        return inspect.signature(self._target())
+
     def __call__(self, *args, **kwargs):
         if self.valid():
             return self.owner._modules[GRAPH_NAME](*args, **kwargs)
