@@ -79,3 +79,15 @@ class DataDependent(nn.Module):
     def forward(self, x):
         y = self.bn(self.conv(x))
         return y * 2 if y.sum() > 0 else y
+
+
+class Wide(nn.Module):
+    """A RepVGG block between two convs, its width a factory argument (``--arg channels=6``)."""
+
+    def __init__(self, channels: int = 4):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, channels, 3, padding=1), nn.BatchNorm2d(channels))
+        self.block = RepVGGBlock(channels)
+
+    def forward(self, x):
+        return self.block(self.stem(x))

@@ -2,9 +2,11 @@
 every bad-input case (one line on stderr, documented exit code, nothing written)."""
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -66,13 +68,16 @@ def only_files(folder: Path) -> set[str]:
     return {p.name for p in folder.iterdir()}
 
 
+PHASE_LINE = re.compile(r"^\[\d\d:\d\d:\d\d\] (✓ )?\S")  # a phase's start or end in a log
+
+
 def assert_one_line_error(proc, rc: int, *needles: str) -> None:
     assert proc.returncode == rc, f"rc={proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     errors = [ln for ln in lines if ln.startswith("reparam: error:")]
     assert len(errors) == 1, proc.stderr
     assert "Traceback" not in proc.stderr and "\x1b" not in proc.stderr  # no traceback, no terminal codes
-    assert all(ln.startswith(("reparam: error:", "✓")) for ln in lines), proc.stderr
+    assert all(ln.startswith("reparam: error:") or PHASE_LINE.match(ln) for ln in lines), proc.stderr
     for needle in needles:
         assert needle in errors[0], errors[0]
 
@@ -395,7 +400,8 @@ def test_bad_input_is_one_line_exit_2_nothing_written(case, pickled, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == before  # nothing written or touched
     assert (tmp_path / "deploy.pt").read_text() == "the previous output"
     if case in EARLY:
-        assert "✓" not in proc.stderr, f"{case}: refused only after loading\n{proc.stderr}"
+        assert not any(PHASE_LINE.match(ln) for ln in proc.stderr.splitlines()), \
+            f"{case}: refused only after loading\n{proc.stderr}"
     if "-s" in args:
         assert "set the input shape" not in proc.stderr  # the hint only when no shape was given
 
@@ -410,19 +416,23 @@ def test_duplicate_rule_names_are_refused_in_the_python_api_too():
         reparam.fuse(tiny_repvgg(), X, extra_rules=[spec["my_conv_bn_fold"]])
 
 
-def test_verification_failure_exits_3_and_writes_nothing(pickled, tmp_path):
+def test_verification_failure_exits_3_writes_no_model_and_reports_the_error(pickled, tmp_path):
     out = tmp_path / "deploy.onnx"
     proc = run("fuse", pickled, "--trust", "-s", SHAPE, "-o", out, "--tolerance", "1e-30",
-               "--report", tmp_path / "r.json", check_rc=None)
+               "--report", tmp_path / "r.json", "--json", check_rc=None)
     assert_one_line_error(proc, 3, "verification failed", "first wrong rewrite")
-    assert only_files(tmp_path) == {"model.pt"}
+    assert only_files(tmp_path) == {"model.pt", "r.json"}  # the report, with the error; no model
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert doc == json.loads(proc.stdout)
+    assert doc["status"] == "error" and doc["error"]["code"] == 3 and doc["error"]["kind"] == "verification"
+    assert "first wrong rewrite" in doc["error"]["message"] and doc["schema_version"] == 1
 
 
 # ------------------------------------------------------------------------------------------- other commands
 
 def test_rules_lists_every_rule_with_its_identity():
     proc = run("rules", "--json")
-    listed = [(r["name"], r["identity"]) for r in json.loads(proc.stdout)]
+    listed = [(r["name"], r["identity"]) for r in json.loads(proc.stdout)["rules"]]
     assert listed == [(n, i) for n, i, _ in rule_catalogue()]
 
 
@@ -519,3 +529,207 @@ def test_atomic_write_leaves_nothing_on_failure_and_keeps_the_old_file(tmp_path)
     with atomic_path(target) as tmp:
         Path(tmp).write_text("new")
     assert only_files(tmp_path) == {"deploy.pt"} and target.read_text() == "new"
+
+
+# ------------------------------------------------------------------------------------------- issue 13: 2-6
+
+def test_a_crafted_pt2_is_refused_without_trust_and_runs_no_code(tmp_path):
+    from tests.pt2_craft import craft
+
+    clean, bad, marker = tmp_path / "clean.pt2", tmp_path / "bad.pt2", tmp_path / "marker"
+    with torch.no_grad():
+        torch.export.save(torch.export.export(tiny_repvgg(), (X,)), str(clean))
+    craft(clean, bad, marker, "sample_inputs")
+    for command in (["fuse", bad, "-o", tmp_path / "d.pt"], ["inspect", bad]):
+        proc = run(*command, check_rc=None)
+        assert_one_line_error(proc, 2, "runs code when loaded", "--trust")
+        assert "--input-shape" not in proc.stderr  # advice that fits a .pt2
+        assert not marker.exists()
+    assert "rules fired" in run("fuse", clean, "-o", tmp_path / "d.pt").stdout
+
+
+def test_literal_trust_flow_and_a_deploy_py_that_loads_with_torch_alone(pickled, tmp_path):
+    proc = run("fuse", "model.pt", "-o", "deploy.pt", "--trust", cwd=pickled.parent)
+    assert "rules fired" in proc.stdout
+    run("fuse", "model.pt", "-o", "deploy.py", "--trust", "-s", SHAPE, "-q", cwd=pickled.parent)
+    code = "import deploy, torch; print(tuple(deploy.load()(torch.zeros(3, 3, 12, 12)).shape))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         env=script_env(pythonpath=False))
+    assert out.returncode == 0 and out.stdout.strip() == "(3, 4, 12, 12)", out.stderr
+
+
+def test_onnx_written_from_pytorch_runs_at_batch_4_and_the_check_is_reported(tmp_path):
+    import onnxruntime as ort
+
+    out = tmp_path / "deploy.onnx"
+    doc = json.loads(run("fuse", "tests.cli_models:tiny_repvgg", "-s", SHAPE, "-o", out, "--json").stdout)
+    assert any("[4, 3, 12, 12]" in c for c in doc["written"]["checked"]), doc["written"]
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    x4 = torch.randn(4, 3, 12, 12)
+    (got,) = sess.run(None, {sess.get_inputs()[0].name: x4.numpy()})
+    with torch.no_grad():
+        assert close(torch.from_numpy(got), tiny_repvgg()(x4), rtol=1e-4)
+
+
+def test_a_sigkilled_run_leaves_a_partial_file_that_the_next_run_removes(tmp_path):
+    out = tmp_path / "deploy.pt2"
+    proc = subprocess.Popen([str(SCRIPT), "fuse", "examples.repnext:repnext_m1", "-s", "1,3,224,224", "-o", out,
+                             "--no-verify", "-q"], cwd=ROOT, env=script_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not any(".partial" in p.name for p in tmp_path.iterdir()):
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended before writing began"
+            time.sleep(0.01)
+        proc.kill()
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert any(".partial" in p.name for p in tmp_path.iterdir())
+    run("fuse", "tests.cli_models:TinyRepVGG", "-s", SHAPE, "-o", out, "-q")
+    assert only_files(tmp_path) == {"deploy.pt2"}
+
+
+def test_progress_in_a_log_is_timestamped_phase_lines_with_the_summarys_clocks(tmp_path):
+    out = tmp_path / "deploy.pt"
+    proc = run("fuse", "tests.cli_models:TinyRepVGG", "-s", SHAPE, "-o", out, "--report", tmp_path / "r.json")
+    lines = proc.stderr.splitlines()
+    assert lines and all(PHASE_LINE.match(ln) for ln in lines), proc.stderr
+    done = [re.match(r"^\[[\d:]+\] ✓ (.*) \((\d+\.\d) s\)$", ln) for ln in lines if "✓" in ln]
+    labels = [m.group(1) for m in done]
+    assert labels[0].startswith("loading") and "capturing and rewriting" in labels
+    assert "verifying end to end in float64" in labels and labels[-2].startswith("writing")
+    assert labels[-1].startswith("checking the written")
+    seconds = json.loads((tmp_path / "r.json").read_text())["seconds"]
+    assert list(seconds) == ["load", "rewrite", "verify", "write", "check", "total"]
+    for m, key in zip(done, ["load", "rewrite", "verify", "write", "check"]):
+        assert m.group(2) == f"{seconds[key]:.1f}"  # one clock per phase: the ✓ line's is the report's
+    time_row = next(ln for ln in proc.stdout.splitlines() if ln.startswith("time"))
+    assert f"load {seconds['load']:.1f} s" in time_row and "total" in time_row
+
+
+def test_progress_on_a_terminal_is_a_bar_with_stage_counts():
+    import io
+
+    from rich.console import Console
+
+    from reparam.cli.render import Steps
+
+    buffer = io.StringIO()
+    steps = Steps(Console(file=buffer, force_terminal=True, width=120), quiet=False, stages=3)
+    with steps.step("load", "loading m"):
+        assert "stage 1/3" in steps._progress.tasks[0].fields["counts"]
+    with steps.phases({"rewrite": "rewriting"}) as progress:
+        progress("rewrite")
+        progress("rewrite", 5, 10)
+        assert steps._progress.tasks[-1].fields["counts"] == "stage 2/3 · 5/10"
+    steps.close()
+    assert list(steps.seconds) == ["load", "rewrite"] and "✓ loading m" in buffer.getvalue()
+
+
+def test_json_documents_have_schema_versions_status_and_times(tmp_path):
+    out = tmp_path / "deploy.pt"
+    doc = json.loads(run("fuse", "tests.cli_models:TinyRepVGG", "-s", SHAPE, "-o", out, "--json").stdout)
+    assert doc["schema_version"] == 1 and doc["tool"]["name"] == "reparam" and doc["status"] == "ok"
+    assert doc["torch"] == torch.__version__.split("+")[0] or doc["torch"].startswith(torch.__version__[:4])
+    assert {"load", "rewrite", "verify", "write", "total"} <= set(doc["seconds"])
+    assert doc["seconds"]["total"] >= sum(v for k, v in doc["seconds"].items() if k != "total")
+    bench = json.loads(run("bench", "tests.cli_models:TinyRepVGG", "-s", SHAPE, "-n", "2", "--json").stdout)
+    assert isinstance(bench["max_error"], float) and bench["max_error"] < 1e-12 and bench["status"] == "ok"
+    for command in (["inspect", "tests.cli_models:TinyRepVGG", "-s", SHAPE, "--json"], ["rules", "--json"]):
+        d = json.loads(run(*command).stdout)
+        assert d["schema_version"] == 1 and d["status"] == "ok" and d["command"] == command[0]
+    failed = run("fuse", "tests.cli_models:broken_factory", "-o", out, "--json", check_rc=2)
+    doc = json.loads(failed.stdout)
+    assert doc["status"] == "error" and doc["error"]["code"] == 2 and "always fails" in doc["error"]["message"]
+
+
+def test_help_version_and_completion():
+    for flags in (["-h"], ["--help"], ["fuse", "-h"]):
+        assert "Usage: reparam" in run(*flags).stdout
+    assert run("-V").stdout == run("--version").stdout == f"reparam {importlib.metadata.version('reparam')}\n"
+    env = dict(script_env(), _REPARAM_COMPLETE="complete_bash", COMP_WORDS="reparam fu", COMP_CWORD="1")
+    proc = subprocess.run([str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.split() == ["fuse"], proc
+    assert "complete" in run("--show-completion", "bash").stdout
+
+
+@pytest.mark.parametrize("flags", [["--version"], ["--help"], ["fuse", "--help"]])
+def test_version_and_help_do_not_import_torch(flags):
+    """Measured: the interpreter's import log (-X importtime) of the console script lists no torch module."""
+    env = dict(script_env(), PYTHONPROFILEIMPORTTIME="1")
+    proc = subprocess.run([str(SCRIPT), *flags], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0
+    imported = [ln.rsplit("|", 1)[-1].strip() for ln in proc.stderr.splitlines() if ln.startswith("import time:")]
+    assert imported and not [m for m in imported if m.split(".")[0] in ("torch", "rich", "numpy")], imported
+
+
+def test_non_tty_output_is_neither_padded_nor_wrapped(pickled, tmp_path):
+    proc = run("inspect", pickled, "--trust", "-s", SHAPE)
+    lines = proc.stdout.splitlines()
+    assert all(ln == ln.rstrip() for ln in lines), [ln for ln in lines if ln != ln.rstrip()]
+    assert max(map(len, lines)) > 80  # a long refusal stays on one line
+    refusal = next(ln for ln in lines if ln.startswith("serial_merge"))
+    assert "the padded border would see the bias" in refusal
+
+
+def test_factory_arguments_and_timm_names(tmp_path):
+    doc = json.loads(run("inspect", "tests.cli_models:Wide", "--arg", "channels=6", "-s", SHAPE, "--json").stdout)
+    assert doc["report"]["before"]["params"] != json.loads(
+        run("inspect", "tests.cli_models:Wide", "-s", SHAPE, "--json").stdout)["report"]["before"]["params"]
+    proc = run("inspect", "tests.cli_models:Wide", "--arg", "colour=3", "-s", SHAPE, check_rc=None)
+    assert_one_line_error(proc, 2, "colour", "--arg")
+    assert_one_line_error(run("inspect", pickled_path(tmp_path), "--trust", "--arg", "a=1", check_rc=None), 2,
+                          "--arg passes keyword arguments to a factory")
+    pytest.importorskip("timm")
+    doc = json.loads(run("inspect", "timm:repvgg_a0", "--arg", "num_classes=10", "-s", "1,3,32,32", "--json").stdout)
+    assert doc["report"]["fired_counts"] and doc["report"]["after"]["bns"] == 0
+    assert_one_line_error(run("inspect", "timm:no_such_net", check_rc=None), 2, "timm has no model 'no_such_net'")
+
+
+def pickled_path(folder: Path) -> Path:
+    path = folder / "some.pt"
+    torch.save(tiny_repvgg(), path)
+    return path
+
+
+MAIN_SCRIPT = '''
+import torch, torch.nn as nn
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+    def forward(self, x):
+        return self.bn(self.conv(x))
+torch.save(Net(), "main.pt")
+m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+m[1].running_var[1] = float("nan")
+torch.save(m, "nan.pt")
+'''
+
+
+def test_user_and_environment_errors_are_exit_2_naming_the_option_or_file(tmp_path):
+    subprocess.run([sys.executable, "-c", MAIN_SCRIPT], cwd=tmp_path, check=True)
+    factory = "tests.cli_models:TinyRepVGG"
+    cases = {
+        "allocation": (["-s", "1,3,10000000,10000000"], "--input-shape 1,3,10000000,10000000"),
+        "overflow": (["-s", "99999999999999999999999,3,16,16"], "bad --input-shape"),
+        "long name": (["-s", SHAPE, "-o", tmp_path / ("n" * 300 + ".pt")], "-o"),
+    }
+    for name, (extra, needle) in cases.items():
+        out = [] if "-o" in extra else ["-o", tmp_path / "d.pt"]
+        assert_one_line_error(run("fuse", factory, *extra, *out, check_rc=None), 2, needle)
+    proc = run("fuse", tmp_path / "nan.pt", "--trust", "-o", tmp_path / "d.pt", check_rc=None)
+    assert_one_line_error(proc, 2, "non-finite weights", "'1.running_var' holds NaN")
+    assert "conv_bn_fold" not in proc.stderr and "rules/disable" not in proc.stderr
+    proc = run("fuse", tmp_path / "main.pt", "--trust", "-o", tmp_path / "d.pt", check_rc=None)
+    assert_one_line_error(proc, 2, "__main__", "state_dict", "--weights")
+    assert only_files(tmp_path) == {"main.pt", "nan.pt"}
+
+
+def test_a_wrong_rewrite_is_named_with_advice_that_exists(pickled, tmp_path):
+    rules = tmp_path / "my_rules.py"
+    rules.write_text(WRONG_RULE)
+    proc = run("fuse", pickled, "--trust", "-s", SHAPE, "-o", tmp_path / "d.pt", "--rules", rules, check_rc=None)
+    assert_one_line_error(proc, 3, "--disable drop_affine")
+    assert "rules/disable" not in proc.stderr

@@ -198,6 +198,48 @@ def test_pad_kernel_parallel_offsets(gen, nd, cg, data, n):
     close(K.conv_nd(x, Wm, bm, stride, tuple(zip(lo, hi)), (1,) * nd, g), ref)
 
 
+@given(gen=rng(), nd=ND, data=st.data(), n=st.integers(1, 4))
+def test_sum_padded_equals_pad_then_add(gen, nd, data, n):
+    """sum_padded(Σ cᵢ·Wᵢ at offsets) equals padding each kernel with F.pad, scaling and adding, in float64;
+    its inputs are left as they were."""
+    size = tuple(data.draw(st.integers(1, 5)) for _ in range(nd))
+    terms, ref = [], torch.zeros(3, 2, *size, dtype=DT)
+    for _ in range(n):
+        k = tuple(data.draw(st.integers(1, s)) for s in size)
+        off = tuple(data.draw(st.integers(0, s - kk)) for s, kk in zip(size, k))
+        c = data.draw(st.sampled_from([1.0, -1.0, 0.5, 2.0, -0.25]))
+        W = randn(gen, 3, 2, *k)
+        terms.append((W, off, c))
+        flat = [p for a in reversed(range(nd)) for p in (off[a], size[a] - off[a] - k[a])]
+        ref = ref + c * F.pad(W, flat)
+    before = [W.clone() for W, _, _ in terms]
+    got = K.sum_padded(terms, size)
+    assert got.dtype == DT and got.shape == ref.shape
+    close(got, ref, tol=1e-15)
+    assert all(torch.equal(W, b) for (W, _, _), b in zip(terms, before))
+    assert all(got.data_ptr() != W.data_ptr() for W, _, _ in terms)
+
+
+@given(gen=rng(), nd=ND, data=st.data())
+def test_pad_kernel_equals_f_pad(gen, nd, data):
+    """pad_kernel writes the kernel into its window of zeros: exactly F.pad, on a fresh tensor."""
+    k = tuple(data.draw(st.integers(1, 4)) for _ in range(nd))
+    lo = tuple(data.draw(st.integers(0, 2)) for _ in range(nd))
+    hi = tuple(data.draw(st.integers(0, 2)) for _ in range(nd))
+    W = randn(gen, 2, 3, *k)
+    got = K.pad_kernel(W, lo, hi)
+    assert torch.equal(got, F.pad(W, [p for a in reversed(range(nd)) for p in (lo[a], hi[a])]))
+    assert got.data_ptr() != W.data_ptr()
+
+
+def test_sum_padded_refuses_kernels_that_do_not_fit():
+    W = torch.ones(1, 1, 3, 3, dtype=DT)
+    with pytest.raises(ValueError, match="does not fit"):
+        K.sum_padded([(W, (1, 0), 1.0)], (3, 3))
+    with pytest.raises(ValueError, match="at least one"):
+        K.sum_padded([], (3, 3))
+
+
 def test_parallel_offsets_rejects_misaligned_branches():
     # 3x3 pad 1 and 1x3 pad 1 on both axes: same on axis 1, output heights differ on axis 0
     with pytest.raises(ValueError, match="axis 0"):

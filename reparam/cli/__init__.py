@@ -1,4 +1,5 @@
-"""Layer 6, the ``reparam`` command line (typer): commands in ``app``, tables and progress in ``render``."""
-from reparam.cli.app import app
+"""Layer 6, the ``reparam`` command line (typer): commands in ``app`` (``main`` is the console script), tables
+and progress in ``render``. Importing it imports neither torch nor rich."""
+from reparam.cli.app import app, main
 
-__all__ = ["app"]
+__all__ = ["app", "main"]

@@ -1,10 +1,15 @@
 """The ``reparam`` command line: fuse, inspect, bench, rules.
 
-Exit codes: 0 success; 2 bad usage or input (missing file, unknown format, a model that fails to load, a
-shape that does not fit, an output that would overwrite an input, unknown rule); 3 the fused model failed
-verification (end to end or a rewrite's local check, or rules that never settle); 1 an unexpected internal
-error (``--debug`` shows the traceback); 130 / 143 interrupted (Ctrl-C) / terminated (SIGTERM). Every error
-is one ``reparam: error:`` line on stderr, usage errors included. On any failure nothing is written.
+Exit codes: 0 success; 2 a user or environment error (bad usage or input: missing file, unknown format, a
+model that fails to load or holds non-finite weights, a shape that does not fit or does not fit in memory,
+an output name too long, a full disk, an output that would overwrite an input, unknown rule); 3 the fused
+model failed verification (end to end or a rewrite's local check, or rules that never settle); 1 an
+unexpected internal error (``--debug`` shows the traceback); 130 / 143 interrupted (Ctrl-C) / terminated
+(SIGTERM). Every error is one ``reparam: error:`` line on stderr, usage errors included. On any failure the
+output is not written (``--report`` is, with the error).
+
+Importing this module imports neither torch nor rich: ``reparam --version`` and ``--help`` stay fast; every
+command imports what it needs when it runs.
 """
 from __future__ import annotations
 
@@ -17,84 +22,47 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, List, Optional
 
-import torch
 import typer
-from rich.console import Console
-from typer.core import TyperGroup
 from typing_extensions import Annotated
 
 from reparam import __version__
-from reparam.cli.catalogue import rule_catalogue
-from reparam.cli.render import (Steps, error_text, fired_table, fired_text, latency_table, refusals_table, summary_table)
 from reparam.errors import CaptureError, FixpointError, ReparamError, RewriteMismatch, VerificationError
-from reparam.io.loading import PICKLE_SUFFIXES, Loaded, input_kind, load_model
-from reparam.core.registry import load_rule_file
-from reparam.frontends.rulesets import select_rules
-from reparam.core.report import Report
-from reparam.io.saving import atomic_paths, check_writable, json_text, output_format, write_model
-
-try:  # typer ≥ 0.26 vendors click; before, it used the click package
-    from typer._click.exceptions import ClickException, UsageError
-except ImportError:  # pragma: no cover
-    from click.exceptions import ClickException, UsageError
+from reparam.io.formats import PICKLE_SUFFIXES, companion_paths, input_kind, output_format
 
 EXIT_OK, EXIT_INTERNAL, EXIT_INPUT, EXIT_VERIFY, EXIT_TERMINATED = 0, 1, 2, 3, 143
+SCHEMA_VERSION = 1  # of the JSON documents of --json and --report
 
-
-class _OneLineErrors(TyperGroup):
-    """Usage errors (a missing option, an unknown command) as one ``reparam: error:`` line like every other
-    error, instead of click's framed box."""
-
-    def main(self, *args, standalone_mode: bool = True, **kwargs):
-        if not standalone_mode:
-            return super().main(*args, standalone_mode=False, **kwargs)
-        try:
-            code = super().main(*args, standalone_mode=False, **kwargs)
-        except UsageError as err:
-            code = err.exit_code
-            if type(err).__name__ != "NoArgsIsHelpError":  # a bare `reparam`: the help is printed already
-                where = err.ctx.command_path if err.ctx else "reparam"
-                print(f"reparam: error: {' '.join(err.format_message().split())} (see {where} --help)",
-                      file=sys.stderr)
-        except ClickException as err:
-            code = err.exit_code
-            print(f"reparam: error: {' '.join(err.format_message().split())}", file=sys.stderr)
-        except typer.Abort:
-            code = EXIT_INTERNAL
-            print("reparam: error: aborted", file=sys.stderr)
-        sys.exit(code or EXIT_OK)
-
-
-app = typer.Typer(name="reparam", cls=_OneLineErrors, add_completion=False, no_args_is_help=True,
-                  pretty_exceptions_enable=False,
+app = typer.Typer(name="reparam", add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None, context_settings={"help_option_names": ["-h", "--help"]},
                   help="Fuse multi-branch training-time models into single-branch deploy models, verified in "
                        "float64. Exit codes: 0 ok, 2 usage/input error, 3 verification failure, 1 internal error.")
 
 ModelArg = Annotated[str, typer.Argument(metavar="IN", show_default=False,
                                          help=f"Model: FILE{'/'.join(PICKLE_SUFFIXES)} (torch.save, needs "
-                                              f"--trust), FILE.pt2 (torch.export), FILE.onnx, or "
-                                              f"pkg.module:factory.")]
+                                              f"--trust), FILE.pt2 (torch.export), FILE.onnx, pkg.module:factory "
+                                              f"or timm:NAME.")]
 InputShapeOpt = Annotated[Optional[List[str]], typer.Option(
     "--input-shape", "-s", metavar="SHAPE", show_default=False,
     help="Input shape such as 1,3,224,224; repeat for several inputs. Default: guessed from the first layer.")]
+ArgOpt = Annotated[Optional[List[str]], typer.Option(
+    "--arg", "-a", metavar="NAME=VALUE", show_default=False,
+    help="Keyword argument for a factory (a Python literal, else a string); repeatable.")]
 RulesOpt = Annotated[Optional[List[Path]], typer.Option(
     "--rules", metavar="FILE.py", show_default=False,
-    help="Python file of extra rules (@reparam.core.rule), tried before the built-in ones; repeatable. Runs as code.")]
+    help="Python file of extra rules (@reparam.rule), tried before the built-in ones; repeatable. Runs as code.")]
 DisableOpt = Annotated[Optional[List[str]], typer.Option(
     "--disable", metavar="RULE", show_default=False, help="Do not use this rule; repeatable.")]
 OnlyOpt = Annotated[Optional[List[str]], typer.Option(
     "--only", metavar="RULE", show_default=False, help="Use only this rule; repeatable.")]
 TrustOpt = Annotated[bool, typer.Option(
-    "--trust", help=f"Allow unpickling a full model ({'/'.join(PICKLE_SUFFIXES)}): this runs code from the file.")]
+    "--trust", help=f"Allow loading what runs code: a pickled model ({'/'.join(PICKLE_SUFFIXES)}), a .pt2 "
+                    f"whose pickled entries are not plain tensors.")]
 WeightsOpt = Annotated[Optional[Path], typer.Option(
     "--weights", "-w", metavar="FILE", show_default=False,
     help="Weights for the model (state_dict, or a checkpoint with 'state_dict'/'model'), loaded with "
          "weights_only=True.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON document on stdout instead of tables.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks and warnings.")]
-
-_stderr = Console(stderr=True)
-_stdout = Console()
 
 
 def _version(value: bool):
@@ -104,12 +72,72 @@ def _version(value: bool):
 
 
 @app.callback()
-def main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
-                                               help="Print the version and exit.")] = False):
+def _root(version: Annotated[bool, typer.Option("--version", "-V", callback=_version, is_eager=True,
+                                                help="Print the version and exit.")] = False):
     """Fuse multi-branch training-time models into single-branch deploy models, verified in float64."""
 
 
-# ---------------------------------------------------------------------------------------------- helpers
+def main(argv: list[str] | None = None) -> None:
+    """The console script: the commands, with usage errors as one ``reparam: error:`` line like every other
+    error (click's own error box is not used)."""
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=argv, prog_name="reparam", standalone_mode=False)
+    except typer.Abort:
+        code = EXIT_INTERNAL
+        print("reparam: error: aborted", file=sys.stderr)
+    except Exception as err:
+        if not isinstance(err, _usage_error_types()):
+            raise
+        code = getattr(err, "exit_code", EXIT_INPUT)
+        if type(err).__name__ == "NoArgsIsHelpError":  # a bare `reparam`: show the help
+            print(err.format_message(), file=sys.stderr)
+        else:
+            ctx = getattr(err, "ctx", None)
+            where = f" (see {ctx.command_path} --help)" if ctx is not None and code == EXIT_INPUT else ""
+            print(f"reparam: error: {' '.join(err.format_message().split())}{where}", file=sys.stderr)
+    sys.exit(code or EXIT_OK)
+
+
+def _usage_error_types() -> tuple[type, ...]:
+    """click's ClickException (UsageError, BadParameter, …): typer ≥ 0.26 vendors click and derives them from
+    typer.TyperException; older typer raises those of the click package."""
+    types: list[type] = [t for t in [getattr(typer, "TyperException", None)] if t is not None]
+    try:
+        import click
+
+        types.append(click.ClickException)
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+# ---------------------------------------------------------------------------------------------- consoles
+
+_consoles: dict[str, Any] = {}
+
+
+def _console(stream: str):
+    """The rich Console of stdout or stderr, made on first use (rich is imported only by commands)."""
+    if stream not in _consoles:
+        from rich.console import Console
+
+        _consoles[stream] = Console(stderr=stream == "stderr")
+    return _consoles[stream]
+
+
+def _say(text: str) -> None:
+    """A line on stdout, never wrapped."""
+    print(text, flush=True)
+
+
+def _show(renderable) -> None:
+    from reparam.cli.render import show
+
+    show(_console("stdout"), renderable)
+
+
+# ---------------------------------------------------------------------------------------------- errors
 
 def _fail(message: str, code: int) -> typer.Exit:
     print(f"reparam: error: {message}", file=sys.stderr)
@@ -124,40 +152,124 @@ def _terminate(signum, frame):
     raise _Terminated()
 
 
-def _guarded(debug: bool, body: Callable[[], int | None], shape_hint: bool = False) -> None:
+def _out_of_memory(err: BaseException) -> bool:
+    text = str(err).lower()
+    return isinstance(err, MemoryError) or (isinstance(err, RuntimeError) and any(
+        s in text for s in ("can't allocate memory", "out of memory", "defaultcpuallocator", "not enough memory")))
+
+
+def _torch_version() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("torch")
+    except PackageNotFoundError:
+        return None
+
+
+class Run:
+    """What one command has done so far: the JSON document it prints with ``--json`` / writes with
+    ``--report`` (also on failure, with the error), and the phase clocks."""
+
+    def __init__(self, command: str, as_json: bool = False, report: Path | None = None):
+        self.command, self.as_json, self.report = command, as_json, report
+        self.report_checked = False  # the report path passed the checks (it overwrites no input)
+        self.started = time.perf_counter()
+        self.fields: dict[str, Any] = {}
+        self.steps = None  # the cli_render.Steps of the run, once made
+
+    def seconds(self) -> dict[str, float]:
+        out = dict(self.steps.seconds) if self.steps is not None else {}
+        out["total"] = time.perf_counter() - self.started
+        return out
+
+    def document(self, status: str, error: dict | None = None) -> dict:
+        doc = {"schema_version": SCHEMA_VERSION, "tool": {"name": "reparam", "version": __version__},
+               "torch": _torch_version(), "command": self.command, "status": status}
+        doc.update(self.fields)
+        doc["seconds"] = self.seconds()
+        if error is not None:
+            doc["error"] = error
+        return doc
+
+    def failed(self, code: int, kind: str, message: str) -> None:
+        """Print (``--json``) and write (``--report``) the failure's document, then the error line."""
+        doc = self.document("error", {"code": code, "kind": kind, "message": message,
+                                      "phase": getattr(self.steps, "current", None)})
+        if self.as_json:
+            from reparam.io.saving import json_text
+
+            print(json_text(doc), end="")
+        if self.report is not None and self.report_checked:
+            try:
+                from reparam.io.saving import write_json
+
+                write_json(doc, self.report)
+            except Exception:  # the error line below is what matters
+                pass
+
+
+def _guarded(debug: bool, body: Callable[[], int | None], run: Run, shape_hint: bool = False) -> None:
     """Run ``body``; known errors become one line on stderr and an exit code, unexpected ones too (or a
-    traceback with ``--debug``). ``shape_hint``: no input shape was given, so a capture error suggests one."""
+    traceback with ``--debug``). ``shape_hint``: no input shape was given for a PyTorch module, so a capture
+    error suggests one."""
     if not debug:
         warnings.simplefilter("ignore")
     previous = signal.signal(signal.SIGTERM, _terminate)
+
+    def fail(message: str, code: int, kind: str) -> typer.Exit:
+        if run.steps is not None:
+            run.steps.close()
+        run.failed(code, kind, message)
+        return _fail(message, code)
+
     try:
         code = body()
     except (typer.Exit, typer.Abort):
         raise
-    except (VerificationError, RewriteMismatch) as err:
-        raise _fail(f"verification failed: {err}", EXIT_VERIFY)
+    except RewriteMismatch as err:
+        raise fail(f"verification failed: rule '{err.rule}' at '{err.where}' changed outputs: {err.detail}. The "
+                   f"rule is wrong for this case: rerun with --disable {err.rule} and report it",
+                   EXIT_VERIFY, "verification")
+    except VerificationError as err:
+        raise fail(f"verification failed: {err}", EXIT_VERIFY, "verification")
     except FixpointError as err:
-        raise _fail(f"the rules did not settle: {err}", EXIT_VERIFY)
+        raise fail(f"the rules did not settle: {err}", EXIT_VERIFY, "verification")
     except CaptureError as err:
-        raise _fail(f"{err}{' (set the input shape with --input-shape)' if shape_hint else ''}", EXIT_INPUT)
+        raise fail(f"{err}{' (set the input shape with --input-shape)' if shape_hint else ''}", EXIT_INPUT, "input")
     except ReparamError as err:
-        raise _fail(str(err), EXIT_INPUT)
+        raise fail(str(err), EXIT_INPUT, "input")
     except KeyboardInterrupt:
-        raise _fail("interrupted; nothing was written", 130)
+        raise fail("interrupted; nothing was written", 130, "interrupted")
     except _Terminated:
-        raise _fail("terminated; nothing was written", EXIT_TERMINATED)
+        raise fail("terminated; nothing was written", EXIT_TERMINATED, "terminated")
     except BrokenPipeError:  # stdout closed early (`reparam rules | head`): stop quietly, like other tools
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise typer.Exit(141)
     except Exception as err:
         if debug:
             raise
+        phase = getattr(run.steps, "current", None)
+        where = f" while {phase}" if phase else ""
+        if _out_of_memory(err):
+            raise fail(f"out of memory{where}; give a smaller --input-shape or use a machine with more memory",
+                       EXIT_INPUT, "environment")
+        if isinstance(err, OSError):
+            name = f" '{err.filename}'" if err.filename else ""
+            raise fail(f"cannot access{name}{where}: {err.strerror or err}", EXIT_INPUT, "environment")
         first = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
-        raise _fail(f"unexpected {type(err).__name__}: {first} (a bug in reparam or the model; rerun with --debug "
-                    f"for the traceback)", EXIT_INTERNAL)
+        raise fail(f"unexpected {type(err).__name__}{where}: {first} (a bug in reparam or the model; rerun with "
+                   f"--debug for the traceback)", EXIT_INTERNAL, "internal")
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if run.steps is not None:
+            run.steps.close()
     raise typer.Exit(code or EXIT_OK)
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+_MAX_DIM = 2 ** 31 - 1
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -169,39 +281,79 @@ def parse_shape(text: str) -> tuple[int, ...]:
     if not shape or any(d <= 0 for d in shape):
         raise ReparamError(f"bad --input-shape '{text}': expected positive integers separated by commas, "
                            f"like 1,3,224,224")
+    if any(d > _MAX_DIM for d in shape):
+        raise ReparamError(f"bad --input-shape '{text[:60]}': a dimension is larger than {_MAX_DIM:,}")
     return shape
 
 
-def _model_dtype(model: torch.nn.Module) -> torch.dtype:
+def _memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _random_inputs(shapes: list[tuple[int, ...]], dtype) -> tuple:
+    """Random tensors of ``shapes``; an input larger than the machine's memory, or one that cannot be
+    allocated, is refused naming --input-shape."""
+    import math
+
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    memory = _memory_bytes()
+    out = []
+    for shape in shapes:
+        text = ",".join(map(str, shape))
+        size = math.prod(shape) * itemsize
+        if memory is not None and size > memory:
+            raise ReparamError(f"--input-shape {text} needs {size / 2**30:,.0f} GiB for one input, more than this "
+                               f"machine's {memory / 2**30:,.0f} GiB of memory; give a smaller shape")
+        try:
+            out.append(torch.randn(shape, generator=gen).to(dtype))
+        except (RuntimeError, MemoryError) as err:
+            raise ReparamError(f"--input-shape {text}: cannot allocate an input of {size / 2**30:,.1f} GiB "
+                               f"({type(err).__name__}); give a smaller shape") from err
+    return tuple(out)
+
+
+def _model_dtype(model):
+    import torch
+
     for t in list(model.parameters()) + list(model.buffers()):
         if t.is_floating_point():
             return t.dtype
     return torch.float32
 
 
-def _example_inputs(loaded: Loaded, shapes: list[tuple[int, ...]]) -> tuple | None:
+def _example_inputs(loaded, shapes: list[tuple[int, ...]]) -> tuple | None:
     """Random inputs for a PyTorch module: the given shapes, else the library's guess from the first layer."""
-    gen = torch.Generator().manual_seed(0)
+    import torch
+
     if loaded.kind == "module":
         if shapes:
-            dtype = _model_dtype(loaded.obj)
-            return tuple(torch.randn(s, generator=gen).to(dtype) for s in shapes)
+            return _random_inputs(shapes, _model_dtype(loaded.obj))
         from reparam.frontends.fx.capture import example_inputs_for
 
         return example_inputs_for(loaded.obj)
     if loaded.kind == "exported":
         from reparam.frontends.aten.backend import example_inputs
 
+        gen = torch.Generator().manual_seed(0)
         args, _ = example_inputs(loaded.obj)
         if shapes and [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)] != shapes:
             raise ReparamError(f"the program was exported for input shapes "
-                               f"{[list(a.shape) for a in args]}; --input-shape cannot change them")
+                               f"{[list(a.shape) for a in args]}; a .pt2 keeps its own shapes, drop --input-shape")
         return tuple(torch.randn(a.shape, generator=gen).to(a.dtype) if isinstance(a, torch.Tensor)
                      and a.is_floating_point() else a for a in args)
     return None
 
 
 def _rule_list(rule_files: list[Path] | None, disable: list[str] | None, only: list[str] | None):
+    from reparam.core.registry import load_rule_file
+    from reparam.frontends.rulesets import select_rules
+
     extra = [r for f in rule_files or [] for r in load_rule_file(f)]
     return select_rules(None, extra, disable or [], only or None)
 
@@ -209,26 +361,29 @@ def _rule_list(rule_files: list[Path] | None, disable: list[str] | None, only: l
 _PHASES = {"rewrite": "capturing and rewriting", "verify": "verifying end to end in float64"}
 
 
-def _fuse(loaded: Loaded, inputs: tuple | None, shapes: list, rules, verify: bool, tolerance: float | None,
-          steps: Steps):
+def _fuse(loaded, inputs: tuple | None, shapes: list, rules, verify: bool, tolerance: float | None, steps):
     """Dispatch on the input kind; returns (fused object, Report). ``tolerance`` None: the backend's default."""
-    fallback = "capturing, rewriting and verifying" if verify else "capturing and rewriting"
-    with steps.phases(fallback, _PHASES) as enter:
-        fused, rep = _fuse_with(loaded, inputs, shapes, rules, verify, tolerance, enter)
+    if loaded.kind == "module":
+        with steps.phases(_PHASES) as progress:
+            fused, rep = _fuse_with(loaded, inputs, shapes, rules, verify, tolerance, progress)
+    else:
+        label = "capturing, rewriting and verifying" if verify else "capturing and rewriting"
+        with steps.step("fuse", label):
+            fused, rep = _fuse_with(loaded, inputs, shapes, rules, verify, tolerance, None)
     if loaded.kind == "module" and not shapes and inputs is not None:
         guessed = ", ".join(",".join(map(str, t.shape)) for t in inputs)
         rep.notes.append(f"no --input-shape given: guessed the input shape {guessed} from the first layer")
     return fused, rep
 
 
-def _fuse_with(loaded: Loaded, inputs, shapes, rules, verify, tolerance, enter):
+def _fuse_with(loaded, inputs, shapes, rules, verify, tolerance, progress):
     opts = dict(rules=rules, verify=verify, report=True)
     if tolerance is not None:
         opts["tolerance"] = tolerance
     if loaded.kind == "module":
         from reparam.frontends.fx.backend import fuse
 
-        return fuse(loaded.obj, inputs, progress=enter, **opts)
+        return fuse(loaded.obj, inputs, progress=progress, **opts)
     if loaded.kind == "exported":
         try:
             from reparam.frontends.aten.backend import fuse_exported
@@ -252,40 +407,76 @@ def _same_file(a: Path, b: Path) -> bool:
     return a.resolve() == b.resolve()
 
 
-def _check_outputs(model: str, output: Path, report: Path | None, weights: Path | None,
+def _check_outputs(model: str, outputs: list[tuple[str, Path, str]], weights: Path | None,
                    rule_files: list[Path] | None) -> None:
-    """Before any work: OUT and the report can be written, and overwrite neither an input nor each other."""
+    """Before any work: each (what, path, option) of ``outputs`` can be written, and overwrites neither an
+    input nor another output."""
+    from reparam.io.saving import check_writable
+
     inputs = [(Path(model), "the input file")] if input_kind(model) != "factory" else []
     inputs += [(weights, "the --weights file")] if weights is not None else []
     inputs += [(f, "a --rules file") for f in rule_files or []]
-    targets = [("output", output)] + ([("report", report)] if report is not None else [])
-    for what, path in targets:
+    for what, path, option in outputs:
+        check_writable(path, what, option)
         for source, label in inputs:
             if _same_file(source, path):
                 raise ReparamError(f"the {what} '{path}' is {label}; choose another {what} path")
-        check_writable(path, what)
-    if report is not None and _same_file(output, report):
-        raise ReparamError(f"the report '{report}' is the output file; choose another report path")
+    for k, (what, path, _) in enumerate(outputs):
+        for other_what, other, _ in outputs[:k]:
+            if _same_file(path, other):
+                raise ReparamError(f"the {what} '{path}' is the {other_what} file; choose another {what} path")
 
 
 def _json_out(data: Any) -> None:
+    from reparam.io.saving import json_text
+
     print(json_text(data), end="")
 
 
-def _load(model: str, trust: bool, weights: Path | None, steps: Steps) -> Loaded:
-    input_kind(model)  # unknown formats fail before anything is read
-    with steps.step(f"loading {model}"):
-        return load_model(model, trust=trust, weights=weights)
+def _load(model: str, trust: bool, weights: Path | None, args: list[str] | None, steps):
+    from reparam.io.loading import check_finite, check_request, load_model, parse_args
+
+    factory_args = parse_args(args)
+    check_request(model, weights, factory_args)  # before anything is read
+    with steps.step("load", f"loading {model}"):
+        loaded = load_model(model, trust=trust, weights=weights, args=factory_args)
+        check_finite(loaded)
+    return loaded
+
+
+def _steps(run: Run, quiet: bool, stages: int):
+    from reparam.cli.render import Steps
+
+    run.steps = Steps(_console("stderr"), quiet, stages)
+    return run.steps
+
+
+def _shape_hint(model: str, input_shape) -> bool:
+    return not input_shape and input_kind(model) in ("factory", "pickle", "onnx")
+
+
+def _safe_kind(model: str) -> str | None:
+    try:
+        return input_kind(model)
+    except ReparamError:
+        return None
 
 
 # ---------------------------------------------------------------------------------------------- commands
+
+DynamicOpt = Annotated[str, typer.Option(
+    "--dynamic", metavar="DIMS",
+    help="Free dimensions of a .pt2/.onnx/.py output written from a PyTorch model: batch (default), spatial "
+         "(batch and the dimensions after the channels) or none.")]
+
 
 @app.command()
 def fuse(model: ModelArg,
          output: Annotated[Path, typer.Option("--output", "-o", metavar="OUT", show_default=False,
                                               help="Where to write the fused model: .pt/.pth (torch.save; load "
                                                    "with torch.load(OUT, weights_only=False)), .pt2 "
-                                                   "(torch.export) or .onnx.")],
+                                                   "(torch.export), .onnx, or .py (readable source + "
+                                                   "OUT.safetensors: loads with torch alone, no unpickling).")],
          input_shape: InputShapeOpt = None,
          tolerance: Annotated[Optional[float], typer.Option(
              "--tolerance", metavar="RTOL", show_default=False,
@@ -295,88 +486,116 @@ def fuse(model: ModelArg,
          verify: Annotated[bool, typer.Option("--verify/--no-verify",
                                               help="Compare the fused model with the original end to end in "
                                                    "float64 (the default); --no-verify skips it.")] = True,
+         dynamic: DynamicOpt = "batch",
          report: Annotated[Optional[Path], typer.Option("--report", metavar="FILE.json", show_default=False,
-                                                        help="Also write the full report as JSON.")] = None,
-         trust: TrustOpt = False, weights: WeightsOpt = None,
+                                                        help="Also write the JSON report (on failure too, with "
+                                                             "the error).")] = None,
+         trust: TrustOpt = False, weights: WeightsOpt = None, args: ArgOpt = None,
          quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
          as_json: JsonOpt = False, debug: DebugOpt = False):
     """Fuse IN and write the deploy model to OUT (format chosen by OUT's extension).
 
-    Example: reparam fuse examples.repnext:repnext_m1 --weights ckpt.pth -s 1,3,224,224 -o deploy.pt
+    Example: reparam fuse model.pt -o deploy.pt --trust
 
-    Exit codes: 0 written; 2 usage or input error; 3 verification failed. On failure nothing is written.
+    Exit codes: 0 written; 2 usage or input error; 3 verification failed. On failure OUT is not written.
     """
+    run = Run("fuse", as_json, report)
+    run.fields.update(input=model, output=str(output))
+
     def body():
+        from reparam.io.saving import (DYNAMIC_CHOICES, atomic_paths, check_written, json_text, write_model)
+
         fmt = output_format(output)
-        _check_outputs(model, output, report, weights, rules)
+        run.fields["format"] = fmt
+        if dynamic not in DYNAMIC_CHOICES:
+            raise ReparamError(f"bad --dynamic '{dynamic}': choose one of {', '.join(DYNAMIC_CHOICES)}")
+        extra = companion_paths(output, fmt)
+        targets = [("output", output, "-o")] + [("weights output", p, "-o") for p in extra]
+        targets += [("report", report, "--report")] if report is not None else []
+        _check_outputs(model, targets, weights, rules)
+        run.report_checked = report is not None
         if input_kind(model) == "onnx" and fmt != "onnx":
             raise ReparamError(f"an ONNX input can only be written as .onnx, not '{output.suffix}'")
         if tolerance is not None and not tolerance >= 0:  # NaN too
             raise ReparamError(f"--tolerance must be a number ≥ 0, got {tolerance}")
         shapes = [parse_shape(s) for s in input_shape or []]
         chosen = _rule_list(rules, disable, only)
-        steps = Steps(_stderr, quiet)
-        loaded = _load(model, trust, weights, steps)
+        steps = _steps(run, quiet or as_json, stages=4 + (verify and input_kind(model) in ("factory", "pickle")))
+        loaded = _load(model, trust, weights, args, steps)
         inputs = _example_inputs(loaded, shapes)
         if loaded.kind == "module" and inputs is None and fmt != "pt":
             raise ReparamError(f"writing .{fmt} needs example inputs and none could be guessed: pass --input-shape")
         fused, rep = _fuse(loaded, inputs, shapes, chosen, verify, tolerance, steps)
-        t0 = time.perf_counter()
-        targets = [output] + ([report] if report is not None else [])
-        with steps.step(f"writing {output} ({fmt})"), atomic_paths(*targets) as temps:  # all or nothing
-            write_model(loaded.packed(fused) if fmt == "pt" else fused, temps[0], fmt, inputs)
-            rep.seconds["write"] = time.perf_counter() - t0
-            doc = {"input": model, "output": str(output), "format": fmt, "report": rep.to_dict()}
+        run.fields["report"] = rep.to_dict()
+        paths = [output] + extra
+        with atomic_paths(*paths, *([report] if report is not None else [])) as temps:  # all or nothing
+            with steps.step("write", f"writing {output} ({fmt})"):
+                written = loaded.packed(fused) if fmt == "pt" else fused  # a checkpoint dict comes back as one
+                rep.notes.extend(write_model(written, temps[:len(paths)], fmt, inputs, dynamic))
+            with steps.step("check", f"checking the written {output.name}"):
+                checked = check_written(fused, temps[:len(paths)], fmt, inputs,
+                                        progress=lambda done, total: steps.count(done, total, "checks"))
+            run.fields["written"] = {"files": [str(p) for p in paths], "checked": checked}
+            run.fields["report"] = rep.to_dict()
+            doc = run.document("ok")
             if report is not None:
-                Path(temps[1]).write_text(json_text(doc))
+                Path(temps[-1]).write_text(json_text(doc))
         if as_json:
             _json_out(doc)
         elif not quiet:
-            _stdout.print(summary_table(rep, title=f"{model} → {output}"))
+            from reparam.cli.render import summary_table
+
+            _show(summary_table(rep, title=f"{model} → {output}", seconds=doc["seconds"]))
             _print_notes(rep)
-    _guarded(debug, body, shape_hint=not input_shape)
+    _guarded(debug, body, run, shape_hint=_shape_hint(model, input_shape) if _safe_kind(model) else False)
 
 
-def _print_notes(rep: Report, dry_run: bool = False) -> None:
+def _print_notes(rep, dry_run: bool = False) -> None:
     for path, why in rep.opaque.items():
-        _stdout.print(f"opaque: '{path or '<model>'}' was left as is ({why})", highlight=False)
+        _say(f"opaque: '{path or '<model>'}' was left as is ({why})")
     for note in rep.notes:
-        _stdout.print(f"note: {note}", highlight=False)
+        _say(f"note: {note}")
     if rep.refusals and not dry_run:
-        _stdout.print(f"{len(rep.refusals)} refused match(es); `reparam inspect` lists them", highlight=False)
+        _say(f"{len(rep.refusals)} refused match(es); `reparam inspect` lists them")
 
 
 @app.command()
 def inspect(model: ModelArg, input_shape: InputShapeOpt = None, rules: RulesOpt = None,
             disable: DisableOpt = None, only: OnlyOpt = None, trust: TrustOpt = False,
-            weights: WeightsOpt = None, as_json: JsonOpt = False, debug: DebugOpt = False):
+            weights: WeightsOpt = None, args: ArgOpt = None, as_json: JsonOpt = False, debug: DebugOpt = False):
     """Dry run: show the regions, the rules that would fire (and where), the refusals and the op/param
     counts before → after, without verifying or writing anything.
 
     Example: reparam inspect model.pt --trust -s 1,3,224,224
     """
+    run = Run("inspect", as_json)
+    run.fields["input"] = model
+
     def body():
         shapes = [parse_shape(s) for s in input_shape or []]
         chosen = _rule_list(rules, disable, only)
-        steps = Steps(_stderr, as_json)
-        loaded = _load(model, trust, weights, steps)
+        steps = _steps(run, as_json, stages=2)
+        loaded = _load(model, trust, weights, args, steps)
         inputs = _example_inputs(loaded, shapes)
         _, rep = _fuse(loaded, inputs, shapes, chosen, False, None, steps)
         regions = _regions(loaded, inputs, rep)
         if as_json:
-            _json_out({"input": model, "regions": regions, "report": rep.to_dict()})
+            run.fields.update(regions=regions, report=rep.to_dict())
+            _json_out(run.document("ok"))
             return
-        _stdout.print("regions: " + ", ".join(regions), highlight=False)
-        _stdout.print(fired_table(rep))
+        from reparam.cli.render import fired_table, refusals_table, summary_table
+
+        _say("regions: " + ", ".join(regions))
+        _show(fired_table(rep))
         if rep.refusals:
-            _stdout.print(refusals_table(rep))
-        _stdout.print(summary_table(rep, title="counts before → after (dry run: not verified, nothing written)",
-                                    dry_run=True))
+            _show(refusals_table(rep))
+        _show(summary_table(rep, title="counts before → after (dry run: not verified, nothing written)",
+                            dry_run=True))
         _print_notes(rep, dry_run=True)
-    _guarded(debug, body, shape_hint=not input_shape)
+    _guarded(debug, body, run, shape_hint=_shape_hint(model, input_shape) if _safe_kind(model) else False)
 
 
-def _regions(loaded: Loaded, inputs, rep: Report) -> list[str]:
+def _regions(loaded, inputs, rep) -> list[str]:
     """The parts fused as one graph each: the whole model, or its traceable submodules."""
     if loaded.kind != "module" or "" not in rep.opaque:
         return ["<whole model>"]
@@ -395,54 +614,68 @@ def bench(model: ModelArg, input_shape: InputShapeOpt = None,
           rules: RulesOpt = None, disable: DisableOpt = None, only: OnlyOpt = None,
           verify: Annotated[bool, typer.Option("--verify/--no-verify",
                                                help="Verify the fused model before timing it.")] = True,
-          trust: TrustOpt = False, weights: WeightsOpt = None, as_json: JsonOpt = False, debug: DebugOpt = False):
+          trust: TrustOpt = False, weights: WeightsOpt = None, args: ArgOpt = None, as_json: JsonOpt = False,
+          debug: DebugOpt = False):
     """Time the original model against the fused one (torch eager, CPU): median latency and speed-up.
     The batch size is the first dimension of --input-shape.
 
     Example: reparam bench examples.repnext:repnext_m1 -s 8,3,224,224 --threads 2
     """
+    run = Run("bench", as_json)
+    run.fields["input"] = model
+
     def body():
+        import torch
+
         if input_kind(model) == "onnx":
             raise ReparamError("bench times PyTorch models in eager mode; give a .pt, .pt2 or factory input")
         shapes = [parse_shape(s) for s in input_shape or []]
         chosen = _rule_list(rules, disable, only)
         torch.set_num_threads(threads)
-        steps = Steps(_stderr, as_json)
-        loaded = _load(model, trust, weights, steps)
+        steps = _steps(run, as_json, stages=3 + verify)
+        loaded = _load(model, trust, weights, args, steps)
         inputs = _example_inputs(loaded, shapes)
         if inputs is None:
             raise ReparamError("no input shape could be guessed: pass --input-shape")
         fused, rep = _fuse(loaded, inputs, shapes, chosen, verify, None, steps)
         original = loaded.obj.module() if loaded.kind == "exported" else loaded.obj.eval()
         fused = fused.module() if isinstance(fused, torch.export.ExportedProgram) else fused
-        with steps.step(f"timing ({warmup} warm-up + {repeat} runs each, {threads} threads)"):
-            t_orig, t_fused = _median_latency([original, fused], inputs, warmup, repeat)
+        with steps.step("time", f"timing ({warmup} warm-up + {repeat} runs each, {threads} threads)"):
+            t_orig, t_fused = _median_latency([original, fused], inputs, warmup, repeat, steps)
         ratio = t_orig / t_fused
         shapes_text = ", ".join("×".join(map(str, t.shape)) for t in inputs if isinstance(t, torch.Tensor))
+        v = rep.verification
         if as_json:
-            _json_out({"input": model, "input_shapes": [list(t.shape) for t in inputs], "threads": threads,
-                       "repeat": repeat, "median_ms": {"original": t_orig * 1e3, "fused": t_fused * 1e3},
-                       "speedup": ratio, "max_error": error_text(rep), "rules_fired": rep.fired_counts()})
+            run.fields.update(input_shapes=[list(t.shape) for t in inputs], threads=threads, repeat=repeat,
+                              warmup=warmup, median_ms={"original": t_orig * 1e3, "fused": t_fused * 1e3},
+                              speedup=ratio, max_error=v.error_fp64, max_error_native=v.error_native,
+                              verification=rep.to_dict()["verification"], rules_fired=rep.fired_counts())
+            _json_out(run.document("ok"))
             return
-        _stdout.print(f"median latency, torch eager, input {shapes_text}, {threads} thread(s), {repeat} runs "
-                      f"(interleaved)", highlight=False)
-        _stdout.print(latency_table([("original", t_orig), ("fused", t_fused)], ratio))
-        _stdout.print(f"max error: {error_text(rep)}; rules fired: {fired_text(rep)}", highlight=False)
-    _guarded(debug, body, shape_hint=not input_shape)
+        from reparam.cli.render import error_text, fired_text, latency_table
+
+        _say(f"median latency, torch eager, input {shapes_text}, {threads} thread(s), {repeat} runs (interleaved)")
+        _show(latency_table([("original", t_orig), ("fused", t_fused)], ratio))
+        _say(f"max error: {error_text(rep)}; rules fired: {fired_text(rep)}")
+    _guarded(debug, body, run, shape_hint=_shape_hint(model, input_shape) if _safe_kind(model) else False)
 
 
-def _median_latency(models, inputs: tuple, warmup: int, repeat: int) -> list[float]:
+def _median_latency(models, inputs: tuple, warmup: int, repeat: int, steps=None) -> list[float]:
     """Median seconds per call for each model, runs interleaved so both see the same machine state."""
+    import torch
+
     times: list[list[float]] = [[] for _ in models]
     with torch.inference_mode():
         for m in models:
             for _ in range(warmup):
                 m(*inputs)
-        for _ in range(repeat):
+        for k in range(repeat):
             for i, m in enumerate(models):
                 t0 = time.perf_counter()
                 m(*inputs)
                 times[i].append(time.perf_counter() - t0)
+            if steps is not None:
+                steps.count(k + 1, repeat, "runs")
     return [statistics.median(t) for t in times]
 
 
@@ -452,12 +685,19 @@ def list_rules(rules: RulesOpt = None, as_json: JsonOpt = False, debug: DebugOpt
 
     Example: reparam rules --rules my_rules.py
     """
+    run = Run("rules", as_json)
+
     def body():
+        from reparam.cli.catalogue import rule_catalogue
+        from reparam.core.registry import load_rule_file
+        from reparam.frontends.rulesets import select_rules
+
         extra = [r for f in rules or [] for r in load_rule_file(f)]
         entries = rule_catalogue(select_rules(None, extra))  # checks the names are unique
         if as_json:
-            _json_out([{"name": n, "identity": i, "doc": d, "user": k < len(extra)}
-                       for k, (n, i, d) in enumerate(entries)])
+            run.fields["rules"] = [{"name": n, "identity": i, "doc": d, "user": k < len(extra)}
+                                   for k, (n, i, d) in enumerate(entries)]
+            _json_out(run.document("ok"))
             return
         from rich.table import Table
 
@@ -467,9 +707,9 @@ def list_rules(rules: RulesOpt = None, as_json: JsonOpt = False, debug: DebugOpt
         table.add_column("identity")
         for k, (name, identity, _) in enumerate(entries, 1):
             table.add_row(str(k), name + (" (user)" if k <= len(extra) else ""), identity)
-        _stdout.print(table)
-    _guarded(debug, body)
+        _show(table)
+    _guarded(debug, body, run)
 
 
 if __name__ == "__main__":  # pragma: no cover
-    app()
+    main()

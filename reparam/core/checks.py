@@ -9,7 +9,9 @@ run once with each op's parameters laid side by side along the channel axis (a c
 by their number), so every channel is computed exactly as it would be alone, and each check's error is
 measured on its own channels. Checks whose ops mix channels in other ways (Linear, cat, slice) run alone.
 The checks of one engine run are done by a worker thread beside the rewriting (their tensor work releases
-the GIL); ``Checks.wait`` raises the first failure in the order the rewrites were applied.
+the GIL); ``Checks.wait`` raises the first failure in the order the rewrites were applied. A queued check
+keeps the ops it compares alive, so the queue is run once its tensors reach ``PENDING_BYTES`` and the
+rewriting waits while twice that is held: memory stays bounded however big the model.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from reparam.core.ir import Node
 from reparam.core.ops import Affine, AvgPool, Cat, Conv, Identity, Mean, Pad, Slice, Sum
 
 LOCAL_RTOL = 1e-9
+PENDING_BYTES = 1 << 27  # tensor bytes the queued checks may keep alive before they are run (128 MiB)
 _SHRINKABLE = (Conv, Sum, Pad, AvgPool, Identity)
 
 
@@ -45,6 +48,15 @@ class Check:
     want: int
     got: int
     seed: int
+
+    def nbytes(self) -> int:
+        """Bytes of the tensors this check's ops hold (each tensor counted once)."""
+        seen: dict[int, int] = {}
+        for op, _ in self.steps:
+            for v in vars(op).values():
+                if isinstance(v, torch.Tensor):
+                    seen[id(v)] = v.numel() * v.element_size()
+        return sum(seen.values())
 
     def inputs(self) -> list[torch.Tensor]:
         gen = torch.Generator().manual_seed(self.seed)
@@ -184,10 +196,12 @@ class Checks:
     (``start``), while the caller goes on (exporting, say). ``wait`` raises the first failure in the
     order the rewrites were applied."""
 
-    def __init__(self, batch: int = 128, workers: int | None = None):
+    def __init__(self, batch: int = 128, workers: int | None = None, budget: int = PENDING_BYTES):
         self.batch = batch
+        self.budget = budget
         self.workers = workers or max(1, min(2, torch.get_num_threads(), os.cpu_count() or 1))
         self.pending: list[tuple[int, Check]] = []
+        self.pending_bytes = self.running_bytes = 0
         self.ready = threading.Condition()
         self.done = self.cancelled = False
         self.count = 0
@@ -196,25 +210,39 @@ class Checks:
         self.thread.start()
 
     def submit(self, check: Check) -> None:
+        """Queue ``check``. A check keeps the tensors of the ops it compares alive (the absorbed ops' too)
+        until it has run: once the queued checks hold ``budget`` bytes they are run at once, and the caller
+        waits while twice that is held, so the memory of pending checks stays bounded."""
+        size = check.nbytes()
         with self.ready:
+            self.ready.wait_for(lambda: self.pending_bytes + self.running_bytes < 2 * self.budget or self.cancelled)
             self.pending.append((self.count, check))
+            self.pending_bytes += size
             self.count += 1
-            if len(self.pending) >= self.batch:
-                self.ready.notify()
+            if self._full():
+                self.ready.notify_all()
+
+    def _full(self) -> bool:
+        return len(self.pending) >= self.batch or self.pending_bytes >= self.budget
 
     def start(self) -> None:
         """No more checks will come: run what is left on every worker."""
         with self.ready:
             self.done = True
-            self.ready.notify()
+            self.ready.notify_all()
 
     def _work(self) -> None:
         while True:
             with self.ready:
-                self.ready.wait_for(lambda: self.done or len(self.pending) >= self.batch)
+                self.ready.wait_for(lambda: self.done or self._full())
                 taken, self.pending, last = self.pending, [], self.done
+                self.running_bytes, self.pending_bytes = self.pending_bytes, 0
             if taken and not self.cancelled:
                 self._run(taken, self.workers if last else 1)
+            del taken  # the checked ops' tensors may go now
+            with self.ready:
+                self.running_bytes = 0
+                self.ready.notify_all()
             if last:
                 return
 
@@ -292,7 +320,9 @@ def _program(root: Node, expr: Expr, leaves: list[Node]) -> tuple[list, int, int
         steps.append((e.op, args))
         return len(leaves) + len(steps) - 1
 
-    return steps, old(root), new(expr)
+    result = steps, old(root), new(expr)
+    del old, new  # recursive closures are reference cycles: break them (the caller may run with gc paused)
+    return result
 
 
 def prepare(rule: str, root: Node, expr: Expr, absorbed: list[Node], seed: int) -> Check:

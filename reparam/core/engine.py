@@ -135,11 +135,11 @@ class Engine:
                 self._threads = None
 
     def _run(self, graph: Graph) -> RewriteLog:
-        order = graph.nodes
-        limit = self.max_rewrites or 20 * len(order) + 200
+        # only the queue holds the nodes (a list of them all would keep every replaced op's tensors alive)
+        queue = collections.deque(graph.nodes)
+        limit = self.max_rewrites or 20 * len(queue) + 200
         recent: collections.deque[str] = collections.deque(maxlen=200)
-        queue = collections.deque(order)
-        queued = {n.id for n in order}
+        queued = {n.id for n in queue}
         while queue:
             if self.stop_after is not None and self.count >= self.stop_after:
                 break
@@ -237,6 +237,7 @@ class Engine:
             return n
 
         out = build(expr)
+        del build  # a recursive closure is a reference cycle (holding the old root and its ops' tensors)
         if out.shape is None:
             out.shape = root.shape
         graph.insert_before(root, new_nodes)

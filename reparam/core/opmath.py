@@ -56,11 +56,10 @@ def merge_parallel(convs: list[Conv], coeffs: list[float]) -> Conv:
     # work on dense footprints so kernels of different sizes line up tap for tap
     dense = [redilate(c, (1,) * c.nd) for c in convs]
     lo, hi, size, offsets = kernels.parallel_offsets(geoms)
-    W = torch.zeros((first.out_channels, first.weight.shape[1], *size), dtype=torch.float64)
+    W = kernels.sum_padded([(c.weight, off, coeff) for c, off, coeff in zip(dense, offsets, coeffs)], size)
+    del dense  # densified copies (if any) are consumed
     b = None
-    for c, off, coeff in zip(dense, offsets, coeffs):
-        after = tuple(s - o - k for s, o, k in zip(size, off, c.kernel_size))
-        W = W + coeff * kernels.pad_kernel(c.weight, off, after)
+    for c, coeff in zip(convs, coeffs):
         if c.bias is not None:
             b = coeff * c.bias if b is None else b + coeff * c.bias
     merged = first.with_(weight=W, bias=b, padding=tuple(zip(lo, hi)), dilation=(1,) * first.nd,

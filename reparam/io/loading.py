@@ -3,19 +3,23 @@
 Four kinds of input:
 
 - ``pkg.module:factory`` — an import path to a function (or class) returning an ``nn.Module`` (put in eval
-  mode: a freshly built model is in training mode by construction), optionally with a weights file read by
+  mode: a freshly built model is in training mode by construction), called with the ``--arg NAME=VALUE``
+  keyword arguments; ``timm:NAME`` is ``timm.create_model(NAME, **args)``; optionally with a weights file read by
   ``torch.load(weights_only=True)`` (a state_dict, or a checkpoint dict holding one under 'state_dict' /
   'model' / 'model_state_dict');
 - a pickled module (``torch.save(model)``: .pt, .pth, .pkl, .ckpt, .bin, .tar) — unpickling runs code from
   the file, so it is loaded only when the caller trusts it (a TorchScript archive is refused: it has no
   Python module structure to fuse);
-- a ``torch.export`` program (``.pt2``), which loads without running code;
+- a ``torch.export`` program (``.pt2``); without trust every pickled entry in it (weights saved with
+  ``use_pickle``, the sample inputs) must load with ``weights_only=True`` and custom objects are refused, so
+  loading one runs no code;
 - an ONNX model (``.onnx``).
 
 Every failure raises :class:`~reparam.errors.ReparamError` with one line saying what to do.
 """
 from __future__ import annotations
 
+import ast
 import importlib
 import os
 import pickle
@@ -30,10 +34,10 @@ import torch
 import torch.nn as nn
 
 from reparam.errors import ReparamError
+from reparam.io.formats import PICKLE_SUFFIXES, input_kind, is_factory_spec, is_timm_spec  # noqa: F401
 from reparam.io.pt2 import load_pt2
+from reparam.io.quiet import quiet_torch  # noqa: F401 (re-exported)
 
-PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".ckpt", ".bin", ".tar")
-_FACTORY = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
 _STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict")
 
 
@@ -68,33 +72,41 @@ def _cwd_on_path() -> None:
         sys.path.insert(0, cwd)
 
 
-def is_factory_spec(spec: str) -> bool:
-    return bool(_FACTORY.match(spec)) and not Path(spec).exists()
+def parse_args(items: list[str] | None) -> dict[str, Any]:
+    """``--arg NAME=VALUE`` pairs as keyword arguments: VALUE is a Python literal (10, 0.5, True, None, 'x',
+    (1, 2)) or else the plain string."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        name, eq, text = item.partition("=")
+        name = name.strip()
+        if not eq or not name.isidentifier():
+            raise ReparamError(f"bad --arg '{item}': expected NAME=VALUE, like num_classes=10")
+        try:
+            out[name] = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            out[name] = text
+    return out
 
 
-def input_kind(spec: str) -> str:
-    """'factory', 'pickle', 'exported' or 'onnx' from the spelling alone (the file is not read)."""
-    if is_factory_spec(spec):
-        return "factory"
-    suffix = Path(spec).suffix.lower()
-    if suffix == ".pt2":
-        return "exported"
-    if suffix == ".onnx":
-        return "onnx"
-    if suffix in PICKLE_SUFFIXES:
-        return "pickle"
-    raise ReparamError(f"unknown model format '{suffix or spec}': give a .pt/.pth file (torch.save), a .pt2 "
-                       f"program (torch.export), an .onnx model, or a factory as pkg.module:function")
-
-
-def load_model(spec: str, *, trust: bool = False, weights: str | os.PathLike | None = None) -> Loaded:
-    """Load what ``spec`` names (see the module docstring); ``weights`` go into a PyTorch module."""
+def check_request(spec: str, weights=None, args: dict | None = None) -> str:
+    """The input's kind, after checking that ``weights`` and factory ``args`` apply to it (nothing is read)."""
     kind = input_kind(spec)
     if weights is not None and kind in ("exported", "onnx"):
         what = "a torch.export program (.pt2)" if kind == "exported" else "an ONNX model"
         raise ReparamError(f"--weights applies to PyTorch modules; {what} carries its own weights")
+    if args and kind != "factory":
+        raise ReparamError("--arg passes keyword arguments to a factory (pkg.module:factory or timm:NAME); "
+                           f"'{spec}' is a file")
+    return kind
+
+
+def load_model(spec: str, *, trust: bool = False, weights: str | os.PathLike | None = None,
+               args: dict[str, Any] | None = None) -> Loaded:
+    """Load what ``spec`` names (see the module docstring); ``weights`` go into a PyTorch module, ``args`` are
+    the factory's keyword arguments."""
+    kind = check_request(spec, weights, args)
     if kind == "factory":
-        loaded = Loaded("module", _from_factory(spec), spec)
+        loaded = Loaded("module", _from_factory(spec, args or {}), spec)
     else:
         path = Path(spec)
         if not path.exists():
@@ -107,8 +119,7 @@ def load_model(spec: str, *, trust: bool = False, weights: str | os.PathLike | N
             loaded = (Loaded("module", obj, spec, path) if key is None else
                       Loaded("module", obj[key], spec, path, container=obj, key=key))
         elif kind == "exported":
-
-            loaded = Loaded("exported", load_pt2(path), spec, path)
+            loaded = Loaded("exported", load_pt2(path, trust=trust), spec, path)
         else:
             loaded = Loaded("onnx", _load_onnx(path), spec, path)
     if weights is not None:
@@ -116,7 +127,32 @@ def load_model(spec: str, *, trust: bool = False, weights: str | os.PathLike | N
     return loaded
 
 
-def _from_factory(spec: str) -> nn.Module:
+def _call_text(spec: str, args: dict[str, Any]) -> str:
+    return f"{spec}({', '.join(f'{k}={v!r}' for k, v in args.items())})"
+
+
+def _from_timm(spec: str, args: dict[str, Any]) -> nn.Module:
+    name = spec.split(":", 1)[1]
+    try:
+        import timm
+    except ImportError as err:
+        raise ReparamError(f"'{spec}' needs timm: pip install timm (or pip install 'reparam[zoo]')") from err
+    if name not in timm.list_models():
+        close = timm.list_models(f"*{name}*")[:3]
+        raise ReparamError(f"timm has no model '{name}'" + (f"; did you mean {', '.join(close)}?" if close else
+                                                            "; `timm.list_models()` lists them"))
+    try:
+        model = timm.create_model(name, **args)
+    except Exception as err:
+        raise ReparamError(f"timm.create_model('{name}'{''.join(f', {k}={v!r}' for k, v in args.items())}) "
+                           f"failed: {_first_line(err)}") from err
+    return model.eval()
+
+
+def _from_factory(spec: str, args: dict[str, Any] | None = None) -> nn.Module:
+    args = args or {}
+    if is_timm_spec(spec):
+        return _from_timm(spec, args)
     module_name, _, attr = spec.partition(":")
     _cwd_on_path()
     try:
@@ -131,11 +167,14 @@ def _from_factory(spec: str) -> nn.Module:
     if not callable(target):
         raise ReparamError(f"'{spec}' is not callable: it must be a function or class returning an nn.Module")
     try:
-        model = target()
+        model = target(**args)
+    except TypeError as err:
+        raise ReparamError(f"calling '{_call_text(spec, args)}' failed: {_first_line(err)} (check the --arg "
+                           f"names)") from err
     except Exception as err:
-        raise ReparamError(f"calling '{spec}()' failed: {_first_line(err)}") from err
+        raise ReparamError(f"calling '{_call_text(spec, args)}' failed: {_first_line(err)}") from err
     if not isinstance(model, nn.Module):
-        raise ReparamError(f"'{spec}()' returned a {type(model).__name__}, not a torch.nn.Module")
+        raise ReparamError(f"'{_call_text(spec, args)}' returned a {type(model).__name__}, not a torch.nn.Module")
     return model.eval()
 
 
@@ -184,6 +223,12 @@ def _unpickle_module(path: Path, trust: bool) -> Any:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=False)
         except (ModuleNotFoundError, AttributeError) as err:
+            if "__main__" in str(err):
+                raise ReparamError(f"'{path}' could not be unpickled ({_first_line(err)}): the model's class was "
+                                   f"defined in a script run as __main__, so only that script can unpickle it. "
+                                   f"Move the class into a module (e.g. models.py), or save the weights with "
+                                   f"torch.save(model.state_dict(), FILE) and pass the factory: "
+                                   f"reparam fuse models:Net --weights FILE -o OUT") from err
             raise ReparamError(f"'{path}' could not be unpickled ({_first_line(err)}): the model's classes must "
                                f"be importable; run from the project directory or set PYTHONPATH") from err
         except Exception as err:
@@ -270,3 +315,33 @@ def _load_onnx(path: Path):
         return onnx.load(str(path))
     except Exception as err:
         raise ReparamError(f"'{path}' is not a loadable ONNX model: {_first_line(err)}") from err
+
+
+def first_non_finite(loaded: Loaded) -> tuple[str, str] | None:
+    """The first parameter, buffer or initializer holding NaN or ±inf: (name, 'NaN' | 'inf'), or None."""
+    if loaded.kind == "module":
+        named = list(loaded.obj.named_parameters()) + list(loaded.obj.named_buffers())
+    elif loaded.kind == "exported":
+        named = list(loaded.obj.state_dict.items()) + list(getattr(loaded.obj, "constants", {}).items())
+    else:
+        from onnx import numpy_helper
+
+        named = []
+        for init in loaded.obj.graph.initializer:
+            try:
+                named.append((init.name, torch.from_numpy(numpy_helper.to_array(init).copy())))
+            except Exception:  # a type torch cannot hold: not checked
+                continue
+    for name, t in named:
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            return name, "NaN" if bool(torch.isnan(t).any()) else "inf"
+    return None
+
+
+def check_finite(loaded: Loaded) -> None:
+    """Refuse weights holding NaN or ±inf: no fused model can be checked against them."""
+    bad = first_non_finite(loaded)
+    if bad is not None:
+        name, what = bad
+        raise ReparamError(f"'{loaded.source}' has non-finite weights: '{name}' holds {what}; fusion needs finite "
+                           f"weights (was the checkpoint saved after training diverged?)")

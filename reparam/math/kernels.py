@@ -108,9 +108,51 @@ def redilate(W, dilation, new_dilation):
 
 def pad_kernel(W, before, after):
     """Zero-pad the kernel's spatial axes by ``before[a]``/``after[a]`` taps. Exact when the conv's
-    padding grows by the same amounts (see ``parallel_offsets``)."""
-    flat = [p for a in reversed(range(W.ndim - 2)) for p in (before[a], after[a])]
-    return F.pad(W, flat) if flat else W.clone()
+    padding grows by the same amounts (see ``parallel_offsets``). One fresh tensor, written once: the
+    kernel is copied into its window of a zero tensor (``F.pad`` of a big float64 kernel is several times
+    slower)."""
+    if not any(before) and not any(after):
+        return W.clone()
+    size = tuple(k + lo + hi for k, lo, hi in zip(W.shape[2:], before, after))
+    out = W.new_zeros(*W.shape[:2], *size)
+    out[_window(W.shape[2:], before)] = W
+    return out
+
+
+def _window(kernel_size, offset) -> tuple:
+    """The index of a kernel of ``kernel_size`` placed at ``offset`` in a larger kernel."""
+    return (slice(None), slice(None), *(slice(o, o + k) for o, k in zip(offset, kernel_size)))
+
+
+def sum_padded(terms, size):
+    """``Σ cᵢ·pad(Wᵢ)``: kernels ``Wᵢ`` (``[out, in/g, *kᵢ]``, each placed at tap offset ``oᵢ`` in a kernel of
+    ``size``) times scalars ``cᵢ``, summed into one fresh float64 ``[out, in/g, *size]`` tensor. ``terms`` are
+    ``(W, offset, c)``. The result is written in place, window by window: a term that fills the whole
+    kernel starts it (``c·W``, one write), the others are added into their windows; no padded or scaled
+    copies are made. Exact in the sense of float64 summation (the same sums as padding then adding)."""
+    terms = list(terms)
+    if not terms:
+        raise ValueError("sum_padded needs at least one kernel")
+    size = tuple(size)
+    for W, off, _ in terms:
+        if W.ndim - 2 != len(size) or any(o < 0 or o + k > s for o, k, s in zip(off, W.shape[2:], size)):
+            raise ValueError(f"kernel {tuple(W.shape)} at offset {tuple(off)} does not fit in size {size}")
+    full = next((k for k, (W, off, _) in enumerate(terms) if tuple(W.shape[2:]) == size), None)
+    if full is None:
+        first = terms[0][0]
+        out = first.new_zeros(*first.shape[:2], *size, dtype=torch.float64)
+    else:
+        W, _, c = terms.pop(full)
+        out = W.to(torch.float64, copy=True) if c == 1 else torch.mul(W.to(torch.float64), c)
+    for W, off, c in terms:
+        view = out[_window(W.shape[2:], off)]
+        if c == 1:
+            view.add_(W)
+        elif c == -1:
+            view.sub_(W)
+        else:
+            view.add_(W, alpha=c)
+    return out
 
 
 def identity_kernel(channels, groups, nd):

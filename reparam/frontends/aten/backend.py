@@ -119,10 +119,9 @@ def _rewrite(ep, rules, check, stop_after, rep: Report):
 def _verify(ep, fused, twin, flat, n_args, kw, tolerance) -> Verification:
     """``fused`` and its float64 ``twin()`` against ``ep.module()`` run in float64."""
     probe = verify_mod.random_like(tuple(flat), seed=1234)
-    want = verify_mod.run(_Call(ep.module(), n_args, kw), probe, torch.float64)
-    got64 = verify_mod.run(_Call(twin(), n_args, kw), probe, torch.float64)
+    err64, want = verify_mod.float64_error(_Call(ep.module(), n_args, kw), _Call(twin(), n_args, kw), probe,
+                                           tolerance)
     got = verify_mod.run(_Call(fused, n_args, kw), probe)
-    err64 = verify_mod.relative_error(got64, want)
     shapes = [list(t.shape) for t in flat if isinstance(t, torch.Tensor)]
     return Verification(input_shapes=shapes, error_fp64=err64, error_native=verify_mod.relative_error(got, want),
                         tolerance=tolerance, passed=err64 <= tolerance)

@@ -293,10 +293,8 @@ def _verify(original: nn.Module, fused: nn.Module, fused64: nn.Module, inputs: t
             tolerance: float) -> Verification:
     """Both models in float64 (the fused one with its new weights computed, not cast, in float64)."""
     probe = verify_mod.random_like(inputs, seed=1234)
-    want = verify_mod.run(original, probe, torch.float64)
-    got64 = verify_mod.run(fused64, probe, torch.float64)
+    err64, want = verify_mod.float64_error(original, fused64, probe, tolerance)
     got = verify_mod.run(fused, probe)
-    err64 = verify_mod.relative_error(got64, want)
     return Verification(input_shapes=_shapes(inputs), error_fp64=err64,
                         error_native=verify_mod.relative_error(got, want), tolerance=tolerance,
                         passed=err64 <= tolerance)
