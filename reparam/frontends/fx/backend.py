@@ -122,12 +122,13 @@ def _deploy_forms(work: nn.Module, whole: "Rewritten", inputs, rules, check, sto
         form = "regions"
         if inputs is not None and not isinstance(work, dropin.CONTAINERS):
             by_regions, by_graph = count_run(result, inputs), count_run(whole.fused, inputs)
-            if by_regions["convs"] > by_graph["convs"] or by_regions["bns"] > by_graph["bns"]:
+            if any(by_regions[k] > by_graph[k] for k in ("convs", "bns", "matmuls")):
                 form = "installed"
                 report.notes.append(
-                    f"forward runs the whole fused graph ({by_graph['convs']} convs, {by_graph['bns']} BatchNorms "
-                    f"on the example input); the model's other methods run its fused submodules "
-                    f"({by_regions['convs']} convs, {by_regions['bns']} BatchNorms through forward's own code)")
+                    f"forward runs the whole fused graph ({by_graph['convs']} convs, {by_graph['bns']} BatchNorms, "
+                    f"{by_graph['matmuls']} matrix products on the example input); the model's other methods run "
+                    f"its fused submodules ({by_regions['convs']} convs, {by_regions['bns']} BatchNorms, "
+                    f"{by_regions['matmuls']} matrix products through forward's own code)")
     if form == "regions":
         _replace_log(report, regions_report)
         return result, twin, form

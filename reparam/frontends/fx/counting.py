@@ -60,10 +60,11 @@ def count_model(model: nn.Module) -> Counts:
 
 def count_run(model: nn.Module, inputs: tuple) -> Counter:
     """The convolutions and batch norms ``model`` runs on ``inputs`` (ATen calls seen by a dispatch mode,
-    so a module called twice counts twice and functional calls count too): {'convs': n, 'bns': m}."""
+    so a module called twice counts twice and functional calls count too): {'convs', 'bns', 'matmuls'}
+    (matrix products: Linear layers and attention's)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    seen = Counter(convs=0, bns=0)
+    seen = Counter(convs=0, bns=0, matmuls=0)
 
     class Counting(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -72,6 +73,8 @@ def count_run(model: nn.Module, inputs: tuple) -> Counter:
                 seen["convs"] += 1
             elif "batch_norm" in name and "backward" not in name and "stats" not in name:
                 seen["bns"] += 1
+            elif name in ("addmm", "mm", "bmm", "linear", "baddbmm"):
+                seen["matmuls"] += 1
             return func(*args, **(kwargs or {}))
 
     with torch.no_grad(), Counting():
