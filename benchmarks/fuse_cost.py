@@ -280,6 +280,20 @@ def write_section(text: str) -> None:
     os.replace(tmp, DOC)
 
 
+def command(args) -> str:
+    """The command line that reproduces this run."""
+    parts = ["python -m benchmarks.fuse_cost"]
+    if args.models != list(MODELS):
+        parts.append(f"--models {','.join(args.models)}")
+    if args.repeats != 3:
+        parts.append(f"--repeats {args.repeats}")
+    if args.params != 1e9:
+        parts.append(f"--params {args.params:g}")
+    if args.cap_gb:
+        parts.append(f"--cap-gb {args.cap_gb:g}")
+    return " ".join(parts)
+
+
 def available() -> int:
     with open("/proc/meminfo") as f:
         for line in f:
@@ -322,7 +336,8 @@ def main(argv=None) -> int:
         for mode in modes:
             repeats = 1 if name == "synthetic" else args.repeats
             print(f"[fuse_cost] {name} {mode} ...", file=sys.stderr, flush=True)
-            results[name][mode] = measure(name, mode, repeats, args.params, cap)
+            results[name][mode] = r = measure(name, mode, repeats, args.params, cap)
+            print(f"[fuse_cost] {name} {mode}: {json.dumps(r)}", file=sys.stderr, flush=True)  # as it comes
         if name == "synthetic":
             results[name]["label"] = f"24 blocks, ~{args.params / 1e9:g} B parameters, input 1×3×8×8"
     import torch
@@ -330,7 +345,7 @@ def main(argv=None) -> int:
     text = "\n".join([
         "## Fuse cost: reparam against the hand-written fuse",
         "",
-        f"Reproduce: `python -m benchmarks.fuse_cost`. Measured {now:%Y-%m-%d %H:%M} UTC on {machine()}; torch {torch.__version__}, Python {platform.python_version()}; 1-minute load "
+        f"Reproduce: `{command(args)}`. Measured {now:%Y-%m-%d %H:%M} UTC on {machine()}; torch {torch.__version__}, Python {platform.python_version()}; 1-minute load "
         f"average {load0:.2f} at the start, {os.getloadavg()[0]:.2f} at the end; whole run "
         f"{time.perf_counter() - started:.0f} s.",
         "",

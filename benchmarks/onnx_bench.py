@@ -178,6 +178,10 @@ def main(argv=None) -> int:
     if not args.no_write:
         DOC.parent.mkdir(parents=True, exist_ok=True)
         tmp = DOC.with_suffix(".md.tmp")
+        old = DOC.read_text() if DOC.exists() else ""
+        begin, end = "<!-- onnx-real: begin -->", "<!-- onnx-real: end -->"  # benchmarks/onnx_real_bench.py's
+        if begin in old and end in old:
+            text = text.rstrip("\n") + "\n\n" + old[old.index(begin):old.index(end) + len(end)] + "\n"
         tmp.write_text(text)
         os.replace(tmp, DOC)
     return 0

@@ -1,4 +1,4 @@
-"""Run every benchmark (what `make bench` runs): RepNeXt, then the zoo and ONNX benchmarks when present.
+"""Run every benchmark (what `make bench` runs): RepNeXt, then the zoo, ONNX and fuse-cost benchmarks when present.
 
     python -m benchmarks.run_all
 
@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ("repnext_bench", "zoo_bench", "onnx_bench")
+BENCHMARKS = ("repnext_bench", "zoo_bench", "onnx_bench", "onnx_real_bench", "fuse_cost")  # onnx_real after onnx
 
 
 def main() -> int:

@@ -1,6 +1,7 @@
 """timm's reparameterizable families: training model vs timm's hand-written deploy form vs ``reparam.fuse``.
 
     python -m benchmarks.zoo_bench [--models repvgg_a0,...] [--size 224] [--repeats 3] [--rounds 15] [--no-write]
+    python -m benchmarks.zoo_bench --capture [--no-write]      # only the capture section (see below)
 
 Per model (``pretrained=False``, eval, BatchNorm statistics and layer scales randomized, batch 1): conv / BN /
 Linear / op counts and parameters of the three forms (``reparam.core.report.count_model``: calls in the FX graph,
@@ -9,6 +10,11 @@ model cast to float64), in float32 and when fused from a float64 copy; torch eag
 threads, interleaved rounds in one process, medians) and the ratio ours / timm's; fuse time of
 ``timm.models.reparameterize_model`` and of ``reparam.fuse`` with and without its float64 verification
 (medians of ``--repeats``). Prints the tables and writes docs/benchmarks-zoo.md.
+
+``--capture`` measures the models that symbolic torch.fx tracing reads only in part (``CAPTURE_MODELS``: LeViT's
+shape-only second uses, ResNetV2-BiT's weight-standardized convs) and rewrites only their section of the doc:
+counts of what each form executes on the example input (``counting.count_run``: ATen calls, so a weight
+standardization's batch-norm call counts as a BN), errors against the float64 reference, one fuse time.
 """
 from __future__ import annotations
 
@@ -25,7 +31,7 @@ import reparam
 from examples.repnext.measure import latencies, median_time
 from examples.zoo.timm_models import MODELS, build, timm_deploy
 from reparam.frontends import verify
-from reparam.frontends.fx.counting import count_model
+from reparam.frontends.fx.counting import count_model, count_run
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks-zoo.md"
 THREADS = 2
@@ -63,6 +69,58 @@ def measure(name: str, size: int, repeats: int, rounds: int) -> dict:
                    "reparam": median_time(lambda: reparam.fuse(model, x), repeats),
                    "reparam, no verification": median_time(lambda: reparam.fuse(model, x, verify=False), repeats)}
     return row
+
+
+CAPTURE_MODELS = {"levit_128s": 224, "resnetv2_50x1_bit": 64}  # LeViT's attention biases fix its input size
+CAPTURE_BEGIN, CAPTURE_END = "<!-- capture section: python -m benchmarks.zoo_bench --capture -->", "<!-- /capture -->"
+
+
+def capture_row(name: str, size: int) -> dict:
+    import time
+
+    model = build(name)
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    theirs = timm_deploy(model)
+    t0 = time.perf_counter()
+    ours, report = reparam.fuse(model, x, report=True)
+    seconds = time.perf_counter() - t0
+    want = verify.run(model, (x,), torch.float64)
+    forms = dict(zip(FORMS, (model, theirs, ours)))
+    return {"name": name, "size": size, "counts": {k: count_run(m, (x,)) for k, m in forms.items()},
+            "fp32": {k: error(m, x, want) for k, m in forms.items()}, "verification": report.verification.error_fp64,
+            "seconds": seconds, "notes": [n for n in report.notes if "example inputs" in n]}
+
+
+def capture_section(rows: list[dict], started, load) -> str:
+    out = [CAPTURE_BEGIN, "", "## Models symbolic tracing reads only in part", "",
+           f"Measured {started:%Y-%m-%d %H:%M} UTC with `python -m benchmarks.zoo_bench --capture` (load average "
+           f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}: fuse times are noisy). Counts are what each form "
+           "executes on the example input, as ATen calls (`reparam.frontends.fx.counting.count_run`): a "
+           "weight-standardized conv's statistics of its weights count as a BN call.", "",
+           "| model | input | form | convs | BNs | linears | ops | params | rel. error fp32 |",
+           "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        for form in FORMS:
+            c = r["counts"][form]
+            out.append(f"| {r['name']} | {r['size']}² | {form} | {c.convs} | {c.bns} | {c.linears} | {c.ops} | "
+                       f"{c.params:,} | {r['fp32'][form]} |")
+    out += ["", "| model | capture | fuse (verified) | our verification error (fp64) |", "|---|---|---:|---:|"]
+    for r in rows:
+        how = "; ".join(r["notes"]) or "symbolic trace"
+        out.append(f"| {r['name']} | {how} | {r['seconds']:.1f} s | {r['verification']:.1e} |")
+    return "\n".join(out + ["", CAPTURE_END, ""])
+
+
+def write_capture_section(section: str) -> None:
+    text = DOC.read_text()
+    if CAPTURE_BEGIN in text:
+        head, rest = text.split(CAPTURE_BEGIN, 1)
+        text = head + section + rest.split(CAPTURE_END, 1)[1].lstrip("\n")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    tmp = DOC.with_suffix(".md.tmp")
+    tmp.write_text(text)
+    tmp.replace(DOC)
 
 
 def tables(rows: list[dict]) -> list[str]:
@@ -131,7 +189,16 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--no-write", action="store_true")
+    p.add_argument("--capture", action="store_true", help="only the models symbolic tracing reads in part")
     args = p.parse_args(argv)
+    if args.capture:
+        started, load = datetime.datetime.now(datetime.timezone.utc), os.getloadavg()
+        section = capture_section([capture_row(n, s) for n, s in CAPTURE_MODELS.items()], started, load)
+        print(section)
+        if not args.no_write:
+            write_capture_section(section)
+            print(f"wrote {DOC.relative_to(DOC.parent.parent)}")
+        return 0
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = [n for n in names if n not in MODELS]
     if unknown or args.size < 32 or args.repeats < 1 or args.rounds < 1:
@@ -146,6 +213,9 @@ def main(argv=None) -> int:
     print("\n".join(tables(rows)))
     if not args.no_write:
         text = document(rows, args, started, load)
+        old = DOC.read_text() if DOC.exists() else ""
+        if CAPTURE_BEGIN in old:  # the capture section is measured on its own (--capture): keep it
+            text = text.rstrip("\n") + "\n\n" + CAPTURE_BEGIN + old.split(CAPTURE_BEGIN, 1)[1]
         tmp = DOC.with_suffix(".md.tmp")
         tmp.write_text(text)
         tmp.replace(DOC)

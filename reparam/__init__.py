@@ -34,6 +34,7 @@ _PUBLIC = {
     "opmath": ("reparam.core.opmath", None),
     "terms": ("reparam.core.terms", None),
     "kernels": ("reparam.math.kernels", None),
+    "vocabulary": ("reparam.core.vocabulary", None),
     "builtin_rules": ("reparam.frontends.rulesets", "builtin_rules"),
     "select_rules": ("reparam.frontends.rulesets", "select_rules"),
     "load_rule_file": ("reparam.core.registry", "load_rule_file"),

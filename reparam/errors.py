@@ -45,3 +45,14 @@ class VerificationError(ReparamError):
 
 class CaptureError(ReparamError):
     """The model could not be captured or run with the given inputs."""
+
+
+class ExportError(ReparamError):
+    """A front end wrote a new op that does not compute what the op means (a bug in that op kind's emitter)."""
+
+    def __init__(self, exporter: str, op: str, where: str, detail: str):
+        self.exporter, self.op, self.where, self.detail = exporter, op, where, detail
+        super().__init__(f"internal error in the {exporter} exporter: the new {op} at '{where}' was written as "
+                         f"nodes that differ from the op's own semantics ({detail}). This is a bug in the {exporter} "
+                         f"emitter of that op kind, not in a rule; please report it (or fix the emitter you "
+                         f"registered).")

@@ -540,3 +540,48 @@ def assert_refuses(rule: Rule | str, model: nn.Module, inputs, reason_contains: 
         reasons = "; ".join(r["detail"] for r in mine)
         raise AssertionError(f"rule '{name}' refused, but no reason contains '{reason_contains}': {reasons}")
     return fused, report
+
+
+def _onnx_of(model: nn.Module, inputs: tuple):
+    """``model`` exported by torch.onnx.export (TorchScript exporter, opset 17, no constant folding) to bytes."""
+    import io
+    import warnings
+
+    import onnx
+
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, inputs, buffer, dynamo=False, opset_version=17, do_constant_folding=False)
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def assert_fires_everywhere(rule: Rule | str, model: nn.Module, inputs, times: int = 1, *,
+                            rules: Sequence[Rule | str] | None = None, extra_rules: Sequence[Rule] = (),
+                            rtol: float = 1e-9, onnx_rtol: float = 1e-5):
+    """:func:`assert_fires` through torch.fx, then the same model exported to ONNX (torch.onnx.export to bytes)
+    and fused by :func:`reparam.fuse_onnx`: ``rule`` fires ``times`` times on both front ends, each result is
+    verified against its original, and both reach the same number of convs. Returns the two reports (FX, ONNX).
+
+    ONNX runs in float32 in onnxruntime, so its tolerance is ``onnx_rtol``."""
+    from collections import Counter
+
+    from reparam.frontends.onnx.backend import fuse_onnx
+
+    base, extra = _split_rules(rule, rules, extra_rules)
+    name = _rule_name(rule, base, extra)
+    fused, fx_report = assert_fires(rule, model, inputs, times, rules=rules, extra_rules=extra_rules, rtol=rtol)
+    model32 = copy.deepcopy(model).to(torch.float32).eval()
+    proto = _onnx_of(model32, tuple(t.to(torch.float32) for t in _as_tuple(inputs)))
+    try:
+        out, onnx_report = fuse_onnx(proto, rules=base, extra_rules=extra, tolerance=onnx_rtol, report=True)
+    except ReparamError as err:
+        raise AssertionError(f"ONNX fusion failed: {type(err).__name__}: {err}") from err
+    got = onnx_report.fired_counts().get(name, 0)
+    if got != times:
+        raise AssertionError(f"on ONNX, rule '{name}' fired {got} time(s), expected {times}\n{_describe(onnx_report)}")
+    onnx_convs = Counter(n.op_type for n in out.graph.node)["Conv"]
+    fx_convs = count_ops(fused)["convs"]
+    if onnx_convs != fx_convs:
+        raise AssertionError(f"FX and ONNX disagree: {fx_convs} conv(s) after fusing with FX, {onnx_convs} with ONNX")
+    return fx_report, onnx_report

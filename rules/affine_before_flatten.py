@@ -1,9 +1,9 @@
 from reparam.core.ops import Affine, Conv, Flatten, Linear
-from reparam.core.pattern import P, X
+from reparam.core.pattern import P
 from reparam.core.rule import require, rule
 
 
-@rule(P(Affine, P(Flatten, X("y"), name="flat"), name="bn"))
+@rule(P(Affine, P(Flatten, P((Conv, Linear), name="y", one_use=True), name="flat"), name="bn"), phase="fold")
 def affine_before_flatten(y, flat, bn):
     """a(flatten(y)) = flatten(a'(y)): an affine after flattening moves before it, onto the conv or Linear
     that computed y (a BatchNorm1d over flattened tokens, as in LeViT's Linear → BN).
@@ -12,8 +12,6 @@ def affine_before_flatten(y, flat, bn):
     all have size 1 but one (a conv's [N, C, 1, 1] output flattened to [N, C]); or the affine is a scalar.
     Fires only when y comes from a conv or Linear, which then absorbs it (conv_bn_fold).
     """
-    if not isinstance(y.op, (Conv, Linear)) or len(y.users) != 1:
-        return None
     a = bn.op
     require(y.rank is not None and bn.rank is not None, "the tensor rank is unknown (pass example inputs)")
     if a.is_scalar:

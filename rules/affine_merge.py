@@ -3,7 +3,7 @@ from reparam.core.pattern import P, X
 from reparam.core.rule import require, rule
 
 
-@rule(P(Affine, P(Affine, X("x"), name="inner"), name="outer"))
+@rule(P(Affine, P(Affine, X("x"), name="inner"), name="outer"), phase="fold")
 def affine_merge(x, inner, outer):
     """a₂(a₁(x)) = a(x) with s = s₁s₂, t = t₁s₂ + t₂ (two BatchNorms, BN then a layer scale).
 

@@ -3,7 +3,8 @@ from reparam.core.pattern import P, X
 from reparam.core.rule import require, rule
 
 
-@rule(P((Mean, Flatten), P(Affine, X("x"), name="bn"), name="pool"))
+@rule(P((Mean, Flatten), P(Affine, X("x"), name="bn"), name="pool", one_use=True,
+        only_used_by=(Linear, Conv, Mean, Flatten)), phase="forward-fold")
 def affine_through_pool(x, bn, pool):
     """mean(a(x)) = a(mean(x)), flatten(a(x)) = a'(flatten(x)): a BatchNorm moves past pooling and flattening.
 
@@ -14,9 +15,6 @@ def affine_through_pool(x, bn, pool):
     a = bn.op
     rank = x.rank
     require(rank is not None and pool.rank is not None, "the tensor rank is unknown (pass example inputs)")
-    consumer = pool.users[0].op if len(pool.users) == 1 else None
-    if not isinstance(consumer, (Linear, Conv, Mean, Flatten)):
-        return None
     if a.is_scalar:
         return Affine(a.scale, a.shift, None, dtype=a.dtype, device=a.device)(pool.op(x))
     axis = a.axis % rank

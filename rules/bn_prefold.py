@@ -4,7 +4,7 @@ from reparam.core.pattern import P, X
 from reparam.core.rule import require, rule
 
 
-@rule(P((Conv, Linear), P(Affine, X("x"), name="bn"), name="conv"))
+@rule(P((Conv, Linear), P(Affine, X("x"), name="bn"), name="conv"), phase="forward-fold")
 def bn_prefold(x, bn, conv):
     """conv(a(x)) = conv'(x), W' = W·s[in], b' = b + Σ W·t (BatchNorm before a 1×1 conv or a Linear).
 

@@ -1,9 +1,9 @@
 from reparam.core.ops import Affine, Cat, Conv
-from reparam.core.pattern import P
+from reparam.core.pattern import Each, P
 from reparam.core.rule import require, rule
 
 
-@rule(P(Affine, P(Cat, name="cat"), name="bn"))
+@rule(P(Affine, P(Cat, Each(P(Conv, one_use=True)), name="cat"), name="bn"), phase="fold")
 def concat_affine_split(cat, bn):
     """a(cat(y₁, …, yₙ)) = cat(a₁(y₁), …, aₙ(yₙ)) with aᵢ the slice of the affine for yᵢ's channels.
 
@@ -14,8 +14,6 @@ def concat_affine_split(cat, bn):
     rank = cat.rank
     require(rank is not None, "the tensor rank is unknown (pass example inputs)")
     require(a.is_scalar or (a.axis % rank == cat.op.dim % rank), "the affine is not on the concatenated axis")
-    if not all(isinstance(n.op, Conv) and len(n.users) == 1 for n in cat.inputs):
-        return None
     parts, start = [], 0
     for n in cat.inputs:
         size = n.shape[cat.op.dim % rank] if n.shape else None

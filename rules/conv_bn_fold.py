@@ -4,7 +4,7 @@ from reparam.core.pattern import P, X
 from reparam.core.rule import require, rule
 
 
-@rule(P(Affine, P((Conv, Linear), X("x"), name="conv"), name="bn"))
+@rule(P(Affine, P((Conv, Linear), X("x"), name="conv"), name="bn"), phase="fold")
 def conv_bn_fold(x, conv, bn):
     """a(conv(x)) = conv'(x), W' = W·s[out], b' = b·s + t (BatchNorm, layer scale, α·y, y + c after conv/Linear).
 

@@ -3,7 +3,7 @@ from reparam.core.pattern import P, X
 from reparam.core.rule import rule
 
 
-@rule(P((Identity, Affine, Sum), X("x"), name="node"))
+@rule(P((Identity, Affine, Sum), X("x"), name="node"), phase="canonicalize")
 def identity_elim(x, node):
     """f(x) = x for Identity, eval Dropout, a one-term Sum with coefficient 1, an Affine with s=1 and t=0 (or no t).
 

@@ -3,7 +3,7 @@ from reparam.core.pattern import P, X
 from reparam.core.rule import require, rule
 
 
-@rule(P(Conv, P(Pad, X("x"), name="pad"), name="conv"))
+@rule(P(Conv, P(Pad, X("x"), name="pad"), name="conv"), phase="canonicalize")
 def pad_fold(x, pad, conv):
     """conv(pad₀(x)) = conv'(x) with the explicit zero padding added to the conv's own (lo, hi) per axis.
 

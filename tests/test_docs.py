@@ -50,11 +50,17 @@ def test_every_python_block_of_the_guide_runs_and_its_rule_fires_on_its_target_b
     from reparam.core.rule import Rule
     from reparam.testing import assert_fires, count_ops
 
-    ns: dict = {"__name__": "writing_rules_guide"}
+    import sys
+    import types
+
+    guide = types.ModuleType("writing_rules_guide")  # a real module: the guide's dataclasses look it up
+    sys.modules[guide.__name__] = guide
+    ns = guide.__dict__
     blocks = _blocks("python")
     assert len(blocks) >= 5
     for k, block in enumerate(blocks):
         exec(compile(block, f"{GUIDE}[python block {k + 1}]", "exec"), ns)
+    assert ns["rep"].fired_counts()["affine_before_upsample"] == 1  # §6: the op kind added from the guide
     user_rule = ns["pointwise_through_mean"]
     assert isinstance(user_rule, Rule) and user_rule.name not in {n for n, _, _ in rule_catalogue()}
     # the guide's own run: the rule fired once on Head, the result verified in float64

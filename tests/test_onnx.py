@@ -251,7 +251,7 @@ BLOCKS = {
                      {"linear_sum", "affine_through_pool", "bn_prefold"}),
     "bn_after_concat": (CatBN, (1, 8, 12, 12), {"Conv": 2, "Concat": 1}, {"concat_affine_split", "conv_bn_fold"}),
     "flatten_bn": (FlattenBN, (1, 8, 5, 5), {"Conv": 1, "Flatten": 1}, {"affine_before_flatten", "conv_bn_fold"}),
-    "gelu": (Gelu, (1, 8, 12, 12), {"Conv": 2, "Constant": 3, "Div": 1, "Erf": 1, "Add": 1, "Mul": 2},
+    "gelu": (Gelu, (1, 8, 12, 12), {"Conv": 2, "Div": 1, "Erf": 1, "Add": 1, "Mul": 2},
              {"conv_bn_fold"}),
     "nested_sum": (Nested, (1, 8, 12, 12), {"Conv": 1, "Relu": 1, "Add": 1}, {"sum_flatten", "parallel_sum_pad"}),
     "serial_1x1_3x3": (Serial, (1, 8, 12, 12), {"Conv": 1}, {"serial_merge"}),
@@ -272,6 +272,7 @@ def test_block(name):
 
 def test_every_builtin_rule_has_an_onnx_case():
     covered = set().union(*(f for *_, f in BLOCKS.values())) | {"identity_elim"}  # test_identity_nodes
+    covered |= {"conv_transpose_bn_fold", "parallel_conv_transpose"}  # on ONNX in tests/test_conv_transpose.py
     assert {r.name for r in reparam.builtin_rules()} <= covered
 
 
@@ -485,10 +486,23 @@ def test_dynamic_batch_stays_dynamic():
     assert relative_error(run_ort(fused, feeds), run_ort(model, feeds)) < 1e-5
 
 
-def test_verification_failure_raises():
+def test_a_wrong_written_model_is_blamed_on_the_export_not_a_rule(monkeypatch):
+    """The rewritten graph is right in float64 but the file written from it is not: the export's fault."""
+    from reparam.frontends.onnx import backend
+
+    real_export = backend.export_onnx
+
+    def broken_export(graph, original):
+        fused = real_export(graph, original)
+        init = max(fused.graph.initializer, key=lambda t: int(np.prod(t.dims)))
+        init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 1.01, init.name))
+        return fused
+
+    monkeypatch.setattr(backend, "export_onnx", broken_export)
     model = export(RepVGG(), (1, 8, 12, 12))
-    with pytest.raises(reparam.VerificationError, match="only the written model differs"):
-        reparam.fuse_onnx(model, tolerance=1e-12)  # met in float64, not by float32 onnxruntime on both sides
+    with pytest.raises(reparam.VerificationError, match="only the written model differs") as info:
+        reparam.fuse_onnx(model)
+    assert info.value.rewrite is None
 
 
 def test_a_wrong_rule_fails_onnx_verification_and_points_at_the_rules():
@@ -507,8 +521,9 @@ def test_a_wrong_rule_fails_onnx_verification_and_points_at_the_rules():
         return conv.op.with_(weight=weight)(x)
 
     model = export(RepVGG(), (1, 8, 12, 12))
-    with pytest.raises(reparam.VerificationError, match="disable the rule responsible"):
+    with pytest.raises(reparam.VerificationError, match="first wrong rewrite: rule 'off_by_a_bit'") as info:
         reparam.fuse_onnx(model, extra_rules=[off_by_a_bit], check=False)
+    assert info.value.rewrite.startswith("rule 'off_by_a_bit'")
 
 
 def test_bad_inputs_are_clear_errors(tmp_path):

@@ -483,18 +483,43 @@ def test_serial_merge(chain, shape, words):
     assert params(fused) <= params(model)
 
 
-@pytest.mark.parametrize("chain, shape", [
-    (lambda: Chain(nn.Linear(16, 32), nn.Linear(32, 16)), (3, 16)),  # widening: cheaper merged
+@pytest.mark.parametrize("chain, shape, rule", [
+    (lambda: Chain(nn.Linear(16, 32), nn.Linear(32, 16)), (3, 16), "serial_merge"),  # widening: cheaper merged
     (lambda: Chain(nn.Linear(64, 4, bias=False), nn.Linear(4, 64, bias=False), sibling=nn.Linear(64, 64)),
-     (2, 5, 64)),  # a low-rank (LoRA) branch beside a full Linear: absorbed by linear_sum
+     (2, 5, 64), "serial_into_sibling"),  # a low-rank (LoRA) branch beside a full Linear: then linear_sum
 ], ids=["widening", "low-rank-beside-full"])
-def test_serial_merge_linear_still_fuses(chain, shape):
+def test_serial_merge_linear_still_fuses(chain, shape, rule):
     """The controls: a chain that is cheaper merged, and a bottleneck that vanishes into a sibling, become one
     Linear with no more parameters than before."""
     model, fused, report = fuse64(chain(), shape)
-    assert report.fired_counts().get("serial_merge") == 1 and not report.refusals
+    assert report.fired_counts().get(rule) == 1 and not report.refusals
     assert report.after.linears == 1 and report.after.ops == 1
     assert params(fused) <= params(model)
+
+
+def _chain_beside(s, x):
+    return s.b(s.a(x)) + s.c(x)
+
+
+@pytest.mark.parametrize("modules, words", [
+    (lambda: dict(a=nn.Conv2d(8, 2, 1), b=nn.Conv2d(2, 8, 3, padding=1), c=nn.Conv2d(8, 8, 3, padding=1)),
+     ("bias",)),  # the 1×1's bias would reach the 3×3's zero-padded border as b, not 0
+], ids=["bias-then-padded"])
+def test_serial_into_sibling(modules, words):
+    """A 1×1 with a bias → a zero-padded 3×3 beside a 3×3: the chain is not one conv, so it stays a chain."""
+    model, fused, report = fuse64(Fn(_chain_beside, **modules()), (1, 8, 8, 8))
+    refused(report, "serial_into_sibling", *words)
+    not_fired(report, "serial_into_sibling")
+    unchanged(report)
+
+
+def test_serial_into_sibling_needs_a_covering_sibling():
+    """A bottleneck 1×1 (8→2) → 3×3 beside a 1×1 only: the 3×3 composite is not covered, so it is not built
+    (it would cost 576 multiply-adds per pixel against 160 apart)."""
+    modules = dict(a=nn.Conv2d(8, 2, 1, bias=False), b=nn.Conv2d(2, 8, 3, padding=1), c=nn.Conv2d(8, 8, 1))
+    model, fused, report = fuse64(Fn(_chain_beside, **modules), (1, 8, 8, 8))
+    not_fired(report, "serial_into_sibling")
+    assert report.after.convs == 3 and params(fused) <= params(model)
 
 
 # ------------------------------------------------------------------------------------------- folds forwards

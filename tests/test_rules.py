@@ -7,6 +7,7 @@ statistics), fuses it, and asserts equivalence, that the rule fired, and the str
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -350,9 +351,10 @@ def test_serial_merge(data, form):
 
 
 @given(st.data(), st.booleans())
-def test_serial_merge_separable(data, strided):
+def test_serial_into_sibling(data, strided):
     """Depthwise 1×k (no bias) → k×1, optionally stride (1, 2) then (2, 1), beside a k×k depthwise conv of x
-    (RepNeXt): the chain merges into a k×k and the k×k siblings into one conv."""
+    (RepNeXt): the chain (costlier alone than its two convs) merges into a k×k because the sibling covers it,
+    and the k×k siblings into one conv."""
     c = data.draw(st.integers(1, 8))
     k = data.draw(st.sampled_from([3, 5, 7]))
     p = k // 2
@@ -362,7 +364,7 @@ def test_serial_merge_separable(data, strided):
     square = nn.Conv2d(c, c, k, s, p, groups=c, bias=data.draw(st.booleans()))
     model = build(Branches([nn.Sequential(row, col), square], [1.0, 1.0]), data.draw)
     x = example(data.draw, 2, c, k)
-    fused, _, n = fuse_fired("serial_merge", model, x, times=1)
+    fused, _, n = fuse_fired("serial_into_sibling", model, x, times=1)
     assert n["convs"] == 1
     conv = next(m for m in fused.modules() if isinstance(m, nn.Conv2d))
     assert conv.kernel_size == (k, k) and conv.stride == (s, s) and conv.groups == c
@@ -487,10 +489,52 @@ def test_random_linear_blocks_1d_3d(case):
     assert n["convs"] == case.min_convs and n["bns"] == 0, f"{case}\n{report.summary()}\n{report.refusals}"
 
 
+@given(st.data(), st.sampled_from(["linear", "conv"]), st.sampled_from(["permute", "transpose"]))
+def test_affine_through_layout(data, producer, how):
+    """Linear over [N, H, W, C] (or a conv over [N, C, H, W]) → a permutation of the axes → a per-channel affine on
+    the axis the channels moved to (BatchNorm-like scale and shift, then a layer scale): the Linear or conv alone,
+    then the permute."""
+    sizes = [2, data.draw(st.integers(1, 4)), data.draw(st.integers(1, 4)), data.draw(st.integers(1, 5))]
+    if how == "permute":
+        dims = data.draw(st.sampled_from(list(itertools.permutations(range(4)))))
+    else:
+        d0, d1 = data.draw(st.sampled_from(list(itertools.combinations(range(4), 2))))
+        dims = list(range(4))
+        dims[d0], dims[d1] = d1, d0
+        dims = tuple(dims)
+    out = data.draw(st.integers(1, 6))
+    y_shape = sizes[:3] + [out] if producer == "linear" else [2, out] + sizes[1:3]
+    moved = [y_shape[d] for d in dims]
+    axis = dims.index(3 if producer == "linear" else 1)  # the axis the layer's channels moved to
+    shape = [1] * 4
+    shape[axis] = moved[axis]
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.f = nn.Linear(sizes[3], out) if producer == "linear" else nn.Conv2d(sizes[3], out, 3, padding=1)
+            self.scale = nn.Parameter(torch.rand(shape) + 0.5)
+            self.shift = nn.Parameter(torch.randn(shape))
+            self.gamma = nn.Parameter(torch.rand(shape) + 0.5)
+
+        def forward(self, x):
+            y = self.f(x)
+            y = y.permute(*dims) if how == "permute" else y.transpose(d0, d1)
+            return (y * self.scale + self.shift) * self.gamma
+
+    model = build(Block(), data.draw)
+    x = torch.randn(sizes if producer == "linear" else [2, sizes[3], sizes[1], sizes[2]], dtype=torch.float64)
+    fused, report = assert_equivalent(model, (x,), rtol=RTOL)
+    assert report.fired_counts().get("affine_through_layout", 0) >= 1, report.summary()
+    n = count_ops(fused)
+    assert n["linears" if producer == "linear" else "convs"] == 1 and n["ops"] == 2  # the layer, the permute
+
+
 # ------------------------------------------------------------------------------------------- coverage
 TESTED = {"identity_elim", "sum_flatten", "pad_fold", "conv_bn_fold", "affine_merge", "concat_affine_split",
           "scale_fold", "identity_to_conv", "avgpool_to_conv", "dilated_to_dense", "groups_merge",
-          "parallel_sum_pad", "linear_sum", "serial_merge", "bn_prefold", "affine_through_pool", "affine_before_flatten"}
+          "parallel_sum_pad", "linear_sum", "serial_merge", "serial_into_sibling", "bn_prefold", "affine_through_pool",
+          "affine_before_flatten", "affine_through_layout"}
 
 
 def test_every_builtin_rule_has_a_property_test():

@@ -98,7 +98,7 @@ def test_separable_without_bias_merges():
     """The control: without the bias the chain is exactly an 11×11 depthwise conv, absorbed by its sibling."""
     fused, report = fuse_trap(Separable(bias=False, sibling=True), torch.randn(1, 4, 12, 12))
     assert kinds(fused, nn.Conv2d) == 1
-    assert report.fired_counts().get("serial_merge") == 1
+    assert report.fired_counts().get("serial_into_sibling") == 1
 
 
 class OneBnPadded(nn.Module):

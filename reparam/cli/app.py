@@ -358,10 +358,12 @@ def _rule_list(rule_files: list[Path] | None, disable: list[str] | None, only: l
     return select_rules(None, extra, disable or [], only or None)
 
 
-_PHASES = {"rewrite": "capturing and rewriting", "verify": "verifying end to end in float64"}
+_PHASES = {"rewrite": "capturing and rewriting", "verify": "verifying end to end in float64",
+           "bisect": "finding the first wrong rewrite", "export": "exporting the fused program again"}
 
 
-def _fuse(loaded, inputs: tuple | None, shapes: list, rules, verify: bool, tolerance: float | None, steps):
+def _fuse(loaded, inputs: tuple | None, shapes: list, rules, verify: bool, tolerance: float | None, steps,
+          freeze_inputs: bool = False):
     """Dispatch on the input kind; returns (fused object, Report). ``tolerance`` None: the backend's default."""
     if loaded.kind == "module":
         with steps.phases(_PHASES) as progress:
@@ -369,14 +371,14 @@ def _fuse(loaded, inputs: tuple | None, shapes: list, rules, verify: bool, toler
     else:
         label = "capturing, rewriting and verifying" if verify else "capturing and rewriting"
         with steps.step("fuse", label):
-            fused, rep = _fuse_with(loaded, inputs, shapes, rules, verify, tolerance, None)
+            fused, rep = _fuse_with(loaded, inputs, shapes, rules, verify, tolerance, None, freeze_inputs)
     if loaded.kind == "module" and not shapes and inputs is not None:
         guessed = ", ".join(",".join(map(str, t.shape)) for t in inputs)
         rep.notes.append(f"no --input-shape given: guessed the input shape {guessed} from the first layer")
     return fused, rep
 
 
-def _fuse_with(loaded, inputs, shapes, rules, verify, tolerance, progress):
+def _fuse_with(loaded, inputs, shapes, rules, verify, tolerance, progress, freeze_inputs=False):
     opts = dict(rules=rules, verify=verify, report=True)
     if tolerance is not None:
         opts["tolerance"] = tolerance
@@ -389,13 +391,14 @@ def _fuse_with(loaded, inputs, shapes, rules, verify, tolerance, progress):
             from reparam.frontends.aten.backend import fuse_exported
         except ImportError as err:
             raise ReparamError(f"fusing .pt2 programs is not available in this installation ({err})") from err
-        return fuse_exported(loaded.obj, **opts)
+        return fuse_exported(loaded.obj, progress=progress, **opts)
     try:
         from reparam.frontends.onnx.backend import fuse_onnx
     except ImportError as err:
         raise ReparamError(f"fusing ONNX models is not available in this installation ({err}); "
                            f"pip install 'reparam[onnx]'") from err
-    return fuse_onnx(loaded.obj, input_shapes=[list(s) for s in shapes] or None, **opts)
+    return fuse_onnx(loaded.obj, input_shapes=[list(s) for s in shapes] or None, progress=progress,
+                     freeze_initializer_inputs=freeze_inputs, **opts)
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -491,6 +494,9 @@ def fuse(model: ModelArg,
                                                         help="Also write the JSON report (on failure too, with "
                                                              "the error).")] = None,
          trust: TrustOpt = False, weights: WeightsOpt = None, args: ArgOpt = None,
+         freeze_inputs: Annotated[bool, typer.Option(
+             "--freeze-inputs", help="ONNX: treat initializers that are also graph inputs (overridable defaults) as "
+                                     "constants and remove them from the inputs. Default: they stay inputs.")] = False,
          quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
          as_json: JsonOpt = False, debug: DebugOpt = False):
     """Fuse IN and write the deploy model to OUT (format chosen by OUT's extension).
@@ -525,7 +531,9 @@ def fuse(model: ModelArg,
         inputs = _example_inputs(loaded, shapes)
         if loaded.kind == "module" and inputs is None and fmt != "pt":
             raise ReparamError(f"writing .{fmt} needs example inputs and none could be guessed: pass --input-shape")
-        fused, rep = _fuse(loaded, inputs, shapes, chosen, verify, tolerance, steps)
+        if freeze_inputs and loaded.kind != "onnx":
+            raise ReparamError("--freeze-inputs applies to ONNX inputs only")
+        fused, rep = _fuse(loaded, inputs, shapes, chosen, verify, tolerance, steps, freeze_inputs)
         run.fields["report"] = rep.to_dict()
         paths = [output] + extra
         with atomic_paths(*paths, *([report] if report is not None else [])) as temps:  # all or nothing

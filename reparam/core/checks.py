@@ -25,11 +25,9 @@ import torch
 from reparam.errors import RewriteMismatch
 from reparam.core.expr import Expr
 from reparam.core.ir import Node
-from reparam.core.ops import Affine, AvgPool, Cat, Conv, Identity, Mean, Pad, Slice, Sum
 
 LOCAL_RTOL = 1e-9
 PENDING_BYTES = 1 << 27  # tensor bytes the queued checks may keep alive before they are run (128 MiB)
-_SHRINKABLE = (Conv, Sum, Pad, AvgPool, Identity)
 
 
 class Unknown(Exception):
@@ -69,7 +67,7 @@ class Check:
         spatial = len(self.shapes[0]) - 2
         parts = [tuple(self.shapes), self.want, self.got]
         for op, args in self.steps:
-            shape = _op_signature(op, spatial)
+            shape = op.check_signature(spatial)
             if shape is None:
                 return None
             parts.append((shape, tuple(args)))
@@ -85,45 +83,9 @@ def random_input(shape, gen: torch.Generator) -> torch.Tensor:
     return torch.rand(shape, generator=gen, dtype=torch.float64).mul_(2).sub_(1)
 
 
-def _op_signature(op, spatial: int):
-    if isinstance(op, Conv):  # side by side only where torch's per-group loop dominates (one input channel
-        if op.weight.shape[1] != 1:  # per group); dense kernels are big, and their checks cost their multiply-adds
-            return None
-        return ("conv", op.kernel_size, op.stride, op.padding, op.dilation, op.groups, op.padding_mode,
-                op.in_channels, op.out_channels, op.bias is not None)
-    if isinstance(op, Affine):  # per-channel vectors go side by side; scalars must be equal
-        if not (op.is_scalar or op.axis == 1):
-            return None
-        return ("affine", _vector_or_value(op.scale), None if op.shift is None else _vector_or_value(op.shift))
-    if isinstance(op, Sum):
-        return ("sum", op.coeffs)
-    if isinstance(op, Pad):
-        return ("pad", op.pads) if len(op.pads) <= spatial else None
-    if isinstance(op, AvgPool):
-        return ("pool", op.kernel_size, op.stride, op.padding, op.ceil_mode, op.count_include_pad,
-                op.divisor_override)
-    if isinstance(op, Identity):
-        return ("identity",)
-    if isinstance(op, Mean):
-        return ("mean", op.dims, op.keepdim) if all(d >= 2 for d in op.dims) else None
-    return None
-
-
-def _vector_or_value(t: torch.Tensor):
-    return ("value", float(t)) if t.ndim == 0 else ("vector", t.numel())
-
-
 def _side_by_side(ops: list):
     """One op doing what each of ``ops`` (equal signatures) does, on their channels laid side by side."""
-    op = ops[0]
-    if isinstance(op, Conv):
-        bias = None if op.bias is None else torch.cat([o.bias for o in ops])
-        return op.with_(weight=torch.cat([o.weight for o in ops]), bias=bias, groups=op.groups * len(ops))
-    if isinstance(op, Affine) and not op.is_scalar:
-        def joined(ts):
-            return ts[0] if ts[0] is None or ts[0].ndim == 0 else torch.cat(ts)
-        return op.with_(scale=joined([o.scale for o in ops]), shift=joined([o.shift for o in ops]))
-    return op
+    return ops[0].side_by_side(ops)
 
 
 def _evaluate(check: Check, steps: list, inputs: list[torch.Tensor]):
@@ -275,27 +237,15 @@ def _expr_ops(e: Expr) -> list:
     return out
 
 
-def _shrinkable(op) -> bool:
-    """The op works the same on any spatial size (an affine or cat/slice not along a spatial axis)."""
-    if isinstance(op, Affine):
-        return op.axis is None or op.is_scalar or op.axis < 2
-    if isinstance(op, (Cat, Slice)):
-        return op.dim == 1
-    return isinstance(op, _SHRINKABLE)
-
-
 def check_shapes(leaves: list[Node], ops: list) -> list[tuple[int, ...]] | None:
     """Input shapes for the local check: batch 1; spatial axes shrunk when every op allows it."""
     if any(n.shape is None for n in leaves):
         return None
     shapes = [(1, *n.shape[1:]) for n in leaves]
     spatial = {s[2:] for s in shapes}
-    if len(spatial) == 1 and all(_shrinkable(op) for op in ops):
+    if len(spatial) == 1 and all(op.shrinkable for op in ops):
         # per window: its extent plus two strides less one (both borders, an interior position, every phase)
-        reach = [max(op.extent) + 2 * max(op.stride) - 1 for op in ops if isinstance(op, Conv) and op.nd]
-        reach += [max(op.kernel_size) + 2 * max(op.stride) - 1 for op in ops if isinstance(op, AvgPool)]
-        reach += [max(max(p) for p in op.pads) * 2 + 2 for op in ops if isinstance(op, Pad) and op.pads]
-        size = max(reach, default=3)
+        size = max([op.check_reach() for op in ops if op.check_reach()], default=3)
         shapes = [(*s[:2], *(min(n, size) for n in s[2:])) for s in shapes]
     return shapes
 

@@ -17,7 +17,8 @@ from reparam.errors import FixpointError, ReparamError, RuleError
 from reparam.core.expr import Expr
 from reparam.core.ir import Graph, Node
 from reparam.core.ops import Identity, Input, Opaque, output_shape
-from reparam.core.rule import Refusal, Rule
+from reparam.core.pattern import bound_nodes
+from reparam.core.rule import PHASES, Refusal, Rule
 
 
 @dataclass
@@ -41,7 +42,7 @@ class RewriteLog:
         key = (rule.name, node.id, reason)
         if key not in self._seen_refusals:
             self._seen_refusals.add(key)
-            self.events.append(Event("refused", rule.name, node.name, reason, (node, *bound.values())))
+            self.events.append(Event("refused", rule.name, node.name, reason, (node, *bound_nodes(bound))))
 
     def fired_events(self):
         return [e for e in self.events if e.kind == "fired"]
@@ -86,12 +87,12 @@ def absorbed_nodes(root: Node, leaves: list[Node]) -> list[Node]:
 
 
 class Engine:
-    """Applies ``rules`` (tried in order at each node) to ``graph`` until none applies."""
+    """Applies ``rules`` to ``graph`` until none applies: phase by phase (see :meth:`_run`), and within a phase
+    in list order at each node."""
 
     def __init__(self, rules: list[Rule], *, check: bool = True, max_rewrites: int | None = None,
                  stop_after: int | None = None):
         self._checks: checks.Checks | None = None
-        self._threads: int | None = None
         self._by_type: dict[type, list[Rule]] = {}
         self.rules = rules
         self.check = check
@@ -102,10 +103,11 @@ class Engine:
 
     def run(self, graph: Graph, wait: bool = True) -> RewriteLog:
         """Rewrite ``graph`` in place to a fixpoint. Each rewrite's local check runs on a worker thread
-        while the rewriting goes on; torch runs single-threaded meanwhile (the checks' tensors are tiny).
-        With ``wait`` this returns once every check has passed; otherwise call :meth:`wait` before using
-        the result. A failed check raises RewriteMismatch naming its rewrite, even if a later step failed."""
-        self._threads = torch.get_num_threads()
+        while the rewriting goes on; torch runs single-threaded while the engine rewrites (the checks' tensors
+        are tiny) and gets the caller's thread count back when this returns, on every path. With ``wait``
+        this returns once every check has passed; otherwise call :meth:`wait` before using the result. A
+        failed check raises RewriteMismatch naming its rewrite, even if a later step failed."""
+        threads = torch.get_num_threads()
         self._checks = checks.Checks() if self.check else None
         torch.set_num_threads(1)
         try:
@@ -118,36 +120,45 @@ class Engine:
         except BaseException:  # interrupted: do not wait for the checks
             self.wait(cancel=True)
             raise
+        finally:
+            torch.set_num_threads(threads)
         if wait:
             self.wait()
         return self.log
 
     def wait(self, cancel: bool = False) -> None:
-        """Wait for the pending local checks and raise the first failure (or drop them, with ``cancel``);
-        restore torch's thread count."""
+        """Wait for the pending local checks and raise the first failure (or drop them, with ``cancel``)."""
         pending, self._checks = self._checks, None
-        try:
-            if pending is not None:
-                pending.close() if cancel else pending.wait()
-        finally:
-            if self._threads is not None:
-                torch.set_num_threads(self._threads)
-                self._threads = None
+        if pending is not None:
+            pending.close() if cancel else pending.wait()
+
+    def phases(self) -> list[tuple[str, list[Rule]]]:
+        """The rules grouped by phase, in the order of :data:`PHASES` (phases without rules left out); within
+        a phase, in list order."""
+        return [(p, [r for r in self.rules if r.phase == p]) for p in PHASES if any(r.phase == p for r in self.rules)]
 
     def _run(self, graph: Graph) -> RewriteLog:
-        # only the queue holds the nodes (a list of them all would keep every replaced op's tensors alive)
-        queue = collections.deque(graph.nodes)
-        limit = self.max_rewrites or 20 * len(queue) + 200
+        """One worklist per phase. The earliest phase with pending nodes acts; every node a rewrite touches is
+        pending again in every phase. So no rule of a later phase sees a node an earlier phase could still
+        rewrite, whatever the order the graph's nodes (a forward's branches) were written in."""
+        order = graph.nodes
+        limit = self.max_rewrites or 20 * len(order) + 200
         recent: collections.deque[str] = collections.deque(maxlen=200)
-        queued = {n.id for n in queue}
-        while queue:
+        phases = self.phases()
+        queues = [collections.deque(order) for _ in phases]
+        queued = [{n.id for n in order} for _ in phases]
+        del order  # only the queues hold the nodes (a list of them all would keep every replaced op's tensors alive)
+        while True:
             if self.stop_after is not None and self.count >= self.stop_after:
                 break
-            node = queue.popleft()
-            queued.discard(node.id)
+            k = next((k for k, q in enumerate(queues) if q), None)
+            if k is None:
+                break
+            node = queues[k].popleft()
+            queued[k].discard(node.id)
             if node.graph is not graph:
                 continue
-            touched = self._visit(graph, node)
+            touched = self._visit(graph, node, phases[k][0], phases[k][1])
             if touched is None:
                 continue
             recent.append(self.log.events[-1].rule)
@@ -155,39 +166,40 @@ class Engine:
                 counts = collections.Counter(recent).most_common()
                 raise FixpointError(counts[0][0], self.count, dict(counts))
             for n in touched:
-                if n.id not in queued and n.graph is graph:
-                    queue.append(n)
-                    queued.add(n.id)
+                if n.graph is not graph:
+                    continue
+                for q, ids in zip(queues, queued):
+                    if n.id not in ids:
+                        q.append(n)
+                        ids.add(n.id)
         return self.log
 
-    def _rules_for(self, op_type: type) -> list[Rule]:
-        """The rules whose pattern can be rooted at an op of ``op_type``, in order (computed once per type)."""
-        found = self._by_type.get(op_type)
+    def _rules_for(self, phase: str, rules: list[Rule], op_type: type) -> list[Rule]:
+        """The rules of ``phase`` whose pattern can be rooted at an op of ``op_type`` (computed once per type)."""
+        found = self._by_type.get((phase, op_type))
         if found is None:
-            found = self._by_type[op_type] = [r for r in self.rules if r.root_types() is None
-                                              or issubclass(op_type, r.root_types())]
+            found = self._by_type[(phase, op_type)] = [r for r in rules if r.root_types() is None
+                                                       or issubclass(op_type, r.root_types())]
         return found
 
-    def _visit(self, graph: Graph, node: Node) -> list[Node] | None:
-        for rule in self._rules_for(type(node.op)):
-            bound = rule.pattern(node)
-            if bound is None:
-                continue
-            try:
-                expr = self._call(rule, node, bound)
-                if expr is None:
+    def _visit(self, graph: Graph, node: Node, phase: str, rules: list[Rule]) -> list[Node] | None:
+        for rule in self._rules_for(phase, rules, type(node.op)):
+            for bound in rule.matches(node):
+                try:
+                    expr = self._call(rule, node, bound)
+                    if expr is None:
+                        continue
+                    if isinstance(expr, Node):  # the root is just one of its inputs
+                        expr = Expr(Identity(), (expr,))
+                    absorbed = absorbed_nodes(node, expr.leaves())
+                    self._check_consumers(graph, node, absorbed)
+                    check = self._prepare_check(rule, node, expr, absorbed) if self.check else None
+                except Refusal as r:
+                    self.log.refused(rule, node, str(r), bound)
                     continue
-                if isinstance(expr, Node):  # the root is just one of its inputs
-                    expr = Expr(Identity(), (expr,))
-                absorbed = absorbed_nodes(node, expr.leaves())
-                self._check_consumers(graph, node, absorbed)
-                check = self._prepare_check(rule, node, expr, absorbed) if self.check else None
-            except Refusal as r:
-                self.log.refused(rule, node, str(r), bound)
-                continue
-            if check is not None:
-                self._checks.submit(check)
-            return self._apply(graph, rule, node, expr, absorbed)
+                if check is not None:
+                    self._checks.submit(check)
+                return self._apply(graph, rule, node, expr, absorbed)
         return None
 
     def _prepare_check(self, rule: Rule, node: Node, expr: Expr, absorbed: list[Node]) -> checks.Check:
@@ -240,15 +252,17 @@ class Engine:
         del build  # a recursive closure is a reference cycle (holding the old root and its ops' tensors)
         if out.shape is None:
             out.shape = root.shape
-        graph.insert_before(root, new_nodes)
+        graph.add_all(new_nodes)
         graph.replace_uses(root, out)
         leaves = expr.leaves()
         graph.remove_dead([root])
         self.count += 1
         self.log.fired(rule, name, f"{len(absorbed)} → {len(new_nodes)} nodes")
-        touched = list(new_nodes) + list(out.users)
-        for user in out.users:  # patterns reach below their root: a match rooted two levels up may be new
-            touched.extend(user.users)
+        touched = list(new_nodes)
+        above = list(out.users)
+        for _ in range(3):  # patterns reach below their root: a match rooted up to three levels up may be new
+            touched.extend(above)
+            above = [u for n in above for u in n.users]
         for leaf in leaves:  # and rules that look down from their root (a pool beside a conv in a sum)
             touched.append(leaf)
             touched.extend(leaf.users)

@@ -111,7 +111,7 @@ class Graph:
                 i.users = [u for u in i.users if u is not n]
                 stack.append(i)
 
-    def insert_before(self, anchor: Node, nodes: list[Node]) -> None:
-        """Add new nodes computed before ``anchor`` (their inputs already exist)."""
+    def add_all(self, nodes: Iterable[Node]) -> None:
+        """Add new nodes whose inputs already exist (``nodes`` places each before its first consumer)."""
         for n in nodes:
             self.add(n)

@@ -1,8 +1,15 @@
-"""The vocabulary: the small set of linear ops every graph kind is seen as.
+"""The vocabulary: the linear ops every graph kind is seen as. The vocabulary is open: an op kind is a subclass
+of :class:`Op` (here, in ``rules/``, or in a user's rules file) that owns all of its semantics.
 
 An op is immutable data. Its tensors are float64 (all kernel math happens there); ``dtype`` and
-``device`` say what the deploy graph must hold once the op is written back. ``evaluate`` is the
-float64 reference semantics used by the engine's local checks and by tests.
+``device`` say what the deploy graph must hold once the op is written back. Each op kind says:
+
+- ``evaluate(*xs)``: the float64 reference semantics (local checks, the exporters' self-check, tests);
+- ``output_shape(shapes)``: its output shape for known input shapes (None when it cannot tell);
+- the traits the local checks use: ``check_signature`` / ``side_by_side`` (checks run together, channels
+  laid side by side), ``shrinkable`` and ``check_reach`` (checks on spatially shrunk inputs).
+
+How each front end reads and writes an op kind is registered in :mod:`reparam.core.vocabulary`.
 """
 from __future__ import annotations
 
@@ -26,10 +33,27 @@ class Op:
     dtype: torch.dtype | None = field(default=None, kw_only=True)
     device: torch.device | None = field(default=None, kw_only=True)
 
-    linear = True  # y is a linear (affine) function of the inputs
-
     def evaluate(self, *xs: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} has no reference semantics")
+
+    def output_shape(self, shapes: list[tuple[int, ...]]) -> tuple[int, ...] | None:
+        """The output shape for these (known) input shapes; None when it cannot tell."""
+        return None
+
+    # --- traits of the local checks (reparam.core.checks) ---------------------------------------
+    shrinkable = False  # works the same on any spatial size: checks may shrink the spatial axes
+
+    def check_reach(self) -> int:
+        """Spatial size a shrunk check needs for this op to see both borders, an interior and every phase."""
+        return 0
+
+    def check_signature(self, spatial: int) -> tuple | None:
+        """What must be equal for checks holding this op to run together, channels side by side (None: alone)."""
+        return None
+
+    def side_by_side(self, ops: list["Op"]) -> "Op":
+        """One op doing what each of ``ops`` (equal signatures, this one first) does on channels laid side by side."""
+        return self
 
     def with_(self, **changes: Any) -> "Op":
         return replace(self, **changes)
@@ -37,10 +61,6 @@ class Op:
     def __call__(self, *inputs):
         """Apply this op to nodes or expressions: builds the expression a rewrite returns."""
         return Expr(self, tuple(inputs))
-
-    @property
-    def kind(self) -> str:
-        return type(self).__name__.lower()
 
 
 @dataclass(frozen=True, eq=False)
@@ -93,6 +113,29 @@ class Conv(Op):
             padding = self.padding
         return kernels.conv_nd(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
 
+    def output_shape(self, shapes):
+        x = shapes[0]
+        spatial = tuple(_conv_len(n, lo, hi, e, s)
+                        for n, (lo, hi), e, s in zip(x[2:], self.padding, self.extent, self.stride))
+        return (x[0], self.out_channels, *spatial)
+
+    shrinkable = True
+
+    def check_reach(self):
+        return max(self.extent) + 2 * max(self.stride) - 1 if self.nd else 0
+
+    def check_signature(self, spatial):
+        # side by side only where torch's per-group loop dominates (one input channel per group); dense
+        # kernels are big, and their checks cost their multiply-adds
+        if self.weight.shape[1] != 1:
+            return None
+        return ("conv", self.kernel_size, self.stride, self.padding, self.dilation, self.groups, self.padding_mode,
+                self.in_channels, self.out_channels, self.bias is not None)
+
+    def side_by_side(self, ops):
+        bias = None if self.bias is None else torch.cat([o.bias for o in ops])
+        return self.with_(weight=torch.cat([o.weight for o in ops]), bias=bias, groups=self.groups * len(ops))
+
     def __repr__(self):
         k = "×".join(map(str, self.kernel_size))
         return (f"Conv{self.nd}d({self.in_channels}→{self.out_channels}, k={k}, s={self.stride}, "
@@ -116,6 +159,9 @@ class Linear(Op):
 
     def evaluate(self, x):
         return F.linear(x, self.weight, self.bias)
+
+    def output_shape(self, shapes):
+        return (*shapes[0][:-1], self.out_features)
 
     def __repr__(self):
         return f"Linear({self.in_features}→{self.out_features}, bias={self.bias is not None})"
@@ -152,6 +198,26 @@ class Affine(Op):
         y = x * self.broadcast(self.scale, x.ndim)
         return y if self.shift is None else y + self.broadcast(self.shift, x.ndim)
 
+    def output_shape(self, shapes):
+        return broadcast_shapes(shapes)
+
+    @property
+    def shrinkable(self):
+        return self.axis is None or self.is_scalar or self.axis < 2
+
+    def check_signature(self, spatial):
+        if not (self.is_scalar or self.axis == 1):  # per-channel vectors go side by side; scalars must be equal
+            return None
+        return ("affine", _vector_or_value(self.scale), None if self.shift is None else _vector_or_value(self.shift))
+
+    def side_by_side(self, ops):
+        if self.is_scalar:
+            return self
+
+        def joined(ts):
+            return ts[0] if ts[0] is None or ts[0].ndim == 0 else torch.cat(ts)
+        return self.with_(scale=joined([o.scale for o in ops]), shift=joined([o.shift for o in ops]))
+
     def __repr__(self):
         n = "scalar" if self.is_scalar else f"{self.scale.numel()} on axis {self.axis}"
         return f"Affine({n}, shift={self.shift is not None})"
@@ -169,6 +235,14 @@ class Sum(Op):
             out = out + c * x
         return out
 
+    def output_shape(self, shapes):
+        return broadcast_shapes(shapes)
+
+    shrinkable = True
+
+    def check_signature(self, spatial):
+        return ("sum", self.coeffs)
+
     def __repr__(self):
         return f"Sum({', '.join(f'{c:g}' for c in self.coeffs)})"
 
@@ -181,6 +255,18 @@ class Pad(Op):
 
     def evaluate(self, x):
         return F.pad(x, [p for lo, hi in reversed(self.pads) for p in (lo, hi)])
+
+    def output_shape(self, shapes):
+        x, k = shapes[0], len(self.pads)
+        return (*x[:-k], *(n + lo + hi for n, (lo, hi) in zip(x[-k:], self.pads)))
+
+    shrinkable = True
+
+    def check_reach(self):
+        return max(max(p) for p in self.pads) * 2 + 2 if self.pads else 0
+
+    def check_signature(self, spatial):
+        return ("pad", self.pads) if len(self.pads) <= spatial else None
 
 
 @dataclass(frozen=True, eq=False)
@@ -197,6 +283,38 @@ class AvgPool(Op):
         kw = {} if len(self.kernel_size) == 1 else {"divisor_override": self.divisor_override}
         return fn(x, self.kernel_size, self.stride, self.padding, self.ceil_mode, self.count_include_pad, **kw)
 
+    def output_shape(self, shapes):
+        if self.ceil_mode:
+            return None
+        x = shapes[0]
+        spatial = tuple(_conv_len(n, p, p, k, s) for n, k, s, p in zip(x[2:], self.kernel_size, self.stride,
+                                                                        self.padding))
+        return (*x[:2], *spatial)
+
+    shrinkable = True
+
+    def check_reach(self):
+        return max(self.kernel_size) + 2 * max(self.stride) - 1
+
+    def check_signature(self, spatial):
+        return ("pool", self.kernel_size, self.stride, self.padding, self.ceil_mode, self.count_include_pad,
+                self.divisor_override)
+
+
+@dataclass(frozen=True, eq=False)
+class Permute(Op):
+    """y = x.permute(dims): axis k of y is axis ``dims[k]`` of x (a transpose swaps two); values are moved,
+    none computed."""
+
+    dims: tuple[int, ...]
+
+    def evaluate(self, x):
+        return x.permute(self.dims)
+
+    def output_shape(self, shapes):
+        x = shapes[0]
+        return tuple(x[d] for d in self.dims) if len(self.dims) == len(x) else None
+
 
 @dataclass(frozen=True, eq=False)
 class Identity(Op):
@@ -205,6 +323,14 @@ class Identity(Op):
     def evaluate(self, x):
         return x
 
+    def output_shape(self, shapes):
+        return broadcast_shapes(shapes)
+
+    shrinkable = True
+
+    def check_signature(self, spatial):
+        return ("identity",)
+
 
 @dataclass(frozen=True, eq=False)
 class Cat(Op):
@@ -212,6 +338,15 @@ class Cat(Op):
 
     def evaluate(self, *xs):
         return torch.cat(xs, self.dim)
+
+    def output_shape(self, shapes):
+        x = shapes[0]
+        d = self.dim % len(x)
+        return (*x[:d], sum(s[d] for s in shapes), *x[d + 1:])
+
+    @property
+    def shrinkable(self):
+        return self.dim == 1
 
 
 @dataclass(frozen=True, eq=False)
@@ -225,6 +360,15 @@ class Slice(Op):
     def evaluate(self, x):
         return x.narrow(self.dim, self.start, self.stop - self.start)
 
+    def output_shape(self, shapes):
+        x = shapes[0]
+        d = self.dim % len(x)
+        return (*x[:d], self.stop - self.start, *x[d + 1:])
+
+    @property
+    def shrinkable(self):
+        return self.dim == 1
+
 
 @dataclass(frozen=True, eq=False)
 class Mean(Op):
@@ -236,6 +380,14 @@ class Mean(Op):
     def evaluate(self, x):
         return x.mean(self.dims, keepdim=self.keepdim)
 
+    def output_shape(self, shapes):
+        x = shapes[0]
+        dims = {d % len(x) for d in self.dims}
+        return tuple(1 if k in dims else n for k, n in enumerate(x) if self.keepdim or k not in dims)
+
+    def check_signature(self, spatial):
+        return ("mean", self.dims, self.keepdim) if all(d >= 2 for d in self.dims) else None
+
 
 @dataclass(frozen=True, eq=False)
 class Flatten(Op):
@@ -245,13 +397,17 @@ class Flatten(Op):
     def evaluate(self, x):
         return x.flatten(self.start_dim, self.end_dim)
 
+    def output_shape(self, shapes):
+        x = shapes[0]
+        s, e = self.start_dim % len(x), self.end_dim % len(x)
+        return (*x[:s], prod(x[s:e + 1]), *x[e + 1:])
+
 
 @dataclass(frozen=True, eq=False)
 class Input(Op):
     """A graph input."""
 
     index: int = 0
-    linear = False
 
 
 @dataclass(frozen=True, eq=False)
@@ -260,7 +416,6 @@ class Opaque(Op):
 
     what: str = "?"
     value: Any = None  # a known constant value (parameters, buffers, folded constants)
-    linear = False
 
     def evaluate(self, *xs):
         if self.value is not None:
@@ -269,9 +424,6 @@ class Opaque(Op):
 
     def __repr__(self):
         return f"Opaque({self.what})"
-
-
-VOCABULARY = (Conv, Linear, Affine, Sum, Pad, AvgPool, Identity, Cat, Slice, Mean, Flatten, Input, Opaque)
 
 
 def f64(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -308,37 +460,12 @@ def _conv_len(n: int, lo: int, hi: int, extent: int, stride: int) -> int:
     return (n + lo + hi - extent) // stride + 1
 
 
+def _vector_or_value(t: torch.Tensor):
+    return ("value", float(t)) if t.ndim == 0 else ("vector", t.numel())
+
+
 def output_shape(op: Op, shapes: list[tuple[int, ...] | None]) -> tuple[int, ...] | None:
-    """The output shape of ``op`` for input ``shapes`` (None when unknown)."""
-    if any(s is None for s in shapes) or isinstance(op, (Opaque, Input)):
+    """The output shape of ``op`` for input ``shapes`` (None when any is unknown, or the op cannot tell)."""
+    if not shapes or any(s is None for s in shapes):
         return None
-    x = shapes[0]
-    if isinstance(op, Conv):
-        spatial = tuple(_conv_len(n, lo, hi, e, s)
-                        for n, (lo, hi), e, s in zip(x[2:], op.padding, op.extent, op.stride))
-        return (x[0], op.out_channels, *spatial)
-    if isinstance(op, Linear):
-        return (*x[:-1], op.out_features)
-    if isinstance(op, (Affine, Identity, Sum)):
-        return broadcast_shapes(shapes)
-    if isinstance(op, Pad):
-        k = len(op.pads)
-        return (*x[:-k], *(n + lo + hi for n, (lo, hi) in zip(x[-k:], op.pads)))
-    if isinstance(op, AvgPool):
-        if op.ceil_mode:
-            return None
-        spatial = tuple(_conv_len(n, p, p, k, s) for n, k, s, p in zip(x[2:], op.kernel_size, op.stride, op.padding))
-        return (*x[:2], *spatial)
-    if isinstance(op, Cat):
-        d = op.dim % len(x)
-        return (*x[:d], sum(s[d] for s in shapes), *x[d + 1:])
-    if isinstance(op, Slice):
-        d = op.dim % len(x)
-        return (*x[:d], op.stop - op.start, *x[d + 1:])
-    if isinstance(op, Mean):
-        dims = {d % len(x) for d in op.dims}
-        return tuple(1 if k in dims else n for k, n in enumerate(x) if op.keepdim or k not in dims)
-    if isinstance(op, Flatten):
-        s, e = op.start_dim % len(x), op.end_dim % len(x)
-        return (*x[:s], prod(x[s:e + 1]), *x[e + 1:])
-    return None
+    return op.output_shape([tuple(s) for s in shapes])

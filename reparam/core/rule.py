@@ -18,6 +18,11 @@ calling ops on nodes (``Conv(...)(x)``), or None when the rule does not apply af
 The engine, not the rule, checks that nothing outside the match uses its intermediate values, keeps
 shared parameters intact (rewrites build new ops, never edit old ones), verifies every rewrite on
 random float64 inputs, and stops rules that never reach a fixpoint.
+
+A rule belongs to a phase (``@rule(pattern, phase="fold")``). The engine keeps every phase at its fixpoint
+before a later phase acts: after any rewrite, the touched nodes are revisited by the earliest phase first.
+So precedence between rules is data (their phases), not the order in which a forward writes its branches.
+Rules without a phase (a user's) are in the phase "user", which runs first.
 """
 from __future__ import annotations
 
@@ -26,6 +31,19 @@ from dataclasses import dataclass
 from typing import Callable
 
 from reparam.core.pattern import Pattern
+
+
+# the phases in the order the engine gives them precedence
+PHASES = ("user", "canonicalize", "fold", "normalize", "merge", "serial", "forward-fold")
+PHASE_DOCS = {
+    "user": "a user's rules without a phase",
+    "canonicalize": "drop identities, flatten sums, absorb explicit pads",
+    "fold": "fold an affine into the conv or Linear before it",
+    "normalize": "bring parallel branches of one input to a common form (identity, pool, dilation, grouping)",
+    "merge": "merge parallel branches of one input",
+    "serial": "merge convs or Linears in a chain",
+    "forward-fold": "fold an affine into the conv or Linear after it (after the backward folds had their turn)",
+}
 
 
 class Refusal(Exception):
@@ -44,6 +62,7 @@ class Rule:
     pattern: Pattern
     fn: Callable
     doc: str = ""
+    phase: str = "user"
 
     @property
     def identity(self) -> str:
@@ -56,14 +75,21 @@ class Rule:
     def __call__(self, **bound):
         return self.fn(**bound)
 
+    def matches(self, node):
+        """Every match of the pattern at ``node`` (bindings by name)."""
+        return self.pattern.all(node)
+
     def __repr__(self):
         return f"Rule({self.name})"
 
 
-def rule(pattern: Pattern, *, name: str | None = None) -> Callable[[Callable], Rule]:
-    """Make a rule from a rewrite function; its name and docstring become the rule's."""
+def rule(pattern: Pattern, *, name: str | None = None, phase: str = "user") -> Callable[[Callable], Rule]:
+    """Make a rule from a rewrite function; its name and docstring become the rule's. ``phase`` is one of
+    :data:`PHASES`."""
+    if phase not in PHASES:
+        raise ValueError(f"unknown phase '{phase}'; the phases are {', '.join(PHASES)}")
 
     def make(fn: Callable) -> Rule:
-        return Rule(name or fn.__name__, pattern, fn, inspect.getdoc(fn) or "")
+        return Rule(name or fn.__name__, pattern, fn, inspect.getdoc(fn) or "", phase)
 
     return make

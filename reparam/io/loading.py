@@ -311,6 +311,8 @@ def _load_onnx(path: Path):
         import onnx
     except ImportError as err:
         raise ReparamError("ONNX input needs the onnx package: pip install 'reparam[onnx]'") from err
+    if path.is_file() and path.stat().st_size == 0:
+        raise ReparamError(f"'{path}' is empty (0 bytes): not an ONNX model")
     try:
         return onnx.load(str(path))
     except Exception as err:

@@ -5,31 +5,33 @@ every node keeps its fake-tensor ``meta['val']``), its ATen calls are seen as vo
 (``aten_ops``), rewritten by the engine, written back as a GraphModule and exported again on inputs
 of the program's own (static) shapes, decomposed to core ATen again if the input was. The fused graph
 is verified against the original program in float64 (the fused tensors computed, not cast, in float64).
+This module is the torch.export adapter of the one fuse driver (:mod:`reparam.frontends.pipeline`).
 """
 from __future__ import annotations
 
 import copy
-import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 from torch.utils._pytree import tree_unflatten
 
-from reparam.frontends.aten import recognize as aten_ops
-from reparam.frontends import verify as verify_mod
-from reparam.frontends.pipeline import gc_paused, mismatch
-from reparam.frontends.fx.backend import rewrite_graph_module
-from reparam.errors import CaptureError, ReparamError, VerificationError
-from reparam.frontends.rulesets import select_rules
-from reparam.core.report import Counts, Report, Verification
-from reparam.frontends.fx.counting import count_params
+from reparam.core.report import Counts, Report
 from reparam.core.rule import Rule
+from reparam.errors import CaptureError, ReparamError, VerificationError
+from reparam.frontends import verify as verify_mod
+from reparam.frontends.aten import recognize as aten_ops
+from reparam.frontends.base import Outputs, Region
+from reparam.frontends.fx.backend import PROBE_SEED, export_region, fx_opaque_kind, import_graph_module
+from reparam.frontends.fx.counting import count_params
+from reparam.frontends.pipeline import Options, fuse_with
+from reparam.frontends.rulesets import select_rules
 
 _CONV = {aten_ops.aten.conv1d.default, aten_ops.aten.conv2d.default, aten_ops.aten.conv3d.default,
          aten_ops.aten.conv1d.padding, aten_ops.aten.conv2d.padding, aten_ops.aten.conv3d.padding,
-         aten_ops.aten.convolution.default}
+         aten_ops.aten.convolution.default, aten_ops.aten.conv_transpose1d.default,
+         aten_ops.aten.conv_transpose2d.input, aten_ops.aten.conv_transpose3d.input}
 _BN = {aten_ops.aten.batch_norm.default, aten_ops.aten._native_batch_norm_legit_no_training.default,
        aten_ops.aten.native_batch_norm.default, aten_ops.aten._native_batch_norm_legit.default}
 _LINEAR = {aten_ops.aten.linear.default, aten_ops.aten.addmm.default}
@@ -100,77 +102,99 @@ def _unlifted(ep) -> fx.GraphModule:
 
 
 def _with_signature(fused: fx.GraphModule, source: fx.GraphModule) -> fx.GraphModule:
-    """Give ``fused`` the calling convention (pytree in/out specs) of the unlifted ``source``."""
-    codegen = source.graph._codegen
-    fused.graph._codegen = copy.deepcopy(codegen)
-    for attr in ("_in_spec", "_out_spec"):
-        if hasattr(source, attr):
-            setattr(fused, attr, getattr(source, attr))
-    fused.recompile()
-    return fused
+    """``fused`` with the calling convention (pytree input/output specs) of the unlifted ``source``: its graph
+    is copied into a copy of ``source``'s graph emptied of nodes (a graph's copy keeps its code generator), and
+    the new GraphModule takes its specs from that generator when it compiles."""
+    graph = copy.deepcopy(source.graph)
+    for node in reversed(list(graph.nodes)):
+        graph.erase_node(node)
+    graph.output(graph.graph_copy(fused.graph, {}))
+    return fx.GraphModule(fused, graph)
 
 
-def _rewrite(ep, rules, check, stop_after, rep: Report):
-    gm = _unlifted(ep)
-    done = rewrite_graph_module(gm, rules, check, stop_after, rep)
-    return _with_signature(done.fused, gm), lambda: _with_signature(done.float64_twin(), gm), done.count
+class AtenFrontEnd:
+    """An ExportedProgram fused on its unlifted ATen graph (see :func:`fuse_exported`)."""
+
+    subject = "program"
+    finish_phase = "export"
+
+    def __init__(self, ep: torch.export.ExportedProgram):
+        _check_program(ep)
+        self.ep = ep
+        self.args, kwargs = example_inputs(ep)
+        self.kwargs = kwargs
+        self.kw = list(kwargs)
+        self.flat = list(self.args) + [kwargs[k] for k in self.kw]
+        self.probe = verify_mod.random_like(tuple(self.flat), seed=PROBE_SEED)
+
+    def _call(self, model: nn.Module) -> nn.Module:
+        return _Call(model, len(self.args), self.kw)
+
+    def prepare(self, report: Report) -> None:
+        pass
+
+    def import_graphs(self, report: Report) -> list[Region]:
+        return [import_graph_module(_unlifted(self.ep), report)]
+
+    def export(self, region: Region) -> fx.GraphModule:
+        return _with_signature(export_region(region), region.source)
+
+    def assemble(self, regions: list[Region], report: Report) -> fx.GraphModule:
+        return regions[0].fused
+
+    def opaque_kind(self, node) -> str:
+        return fx_opaque_kind(node)
+
+    def cannot_verify(self) -> str | None:
+        return None
+
+    def input_shapes(self) -> list[list[int]]:
+        return [list(t.shape) for t in self.flat if isinstance(t, torch.Tensor)]
+
+    def reference(self, regions: list[Region]) -> Outputs:
+        original = self._call(self.ep.module())
+        return Outputs(exact=verify_mod.outputs_float64(original, self.probe),
+                       native=verify_mod.run(original, self.probe))
+
+    def _twin(self, regions: list[Region]) -> nn.Module:
+        return self._call(_with_signature(export_region(regions[0], torch.float64), regions[0].source))
+
+    def exact(self, fused: fx.GraphModule, regions: list[Region]) -> list:
+        return verify_mod.outputs_float64(self._twin(regions), self.probe)
+
+    def recheck(self, fused: fx.GraphModule, regions: list[Region]) -> tuple[list, list]:
+        return (verify_mod.run(self._call(self.ep.module()), self.probe, torch.float64),
+                verify_mod.run(self._twin(regions), self.probe, torch.float64))
+
+    def native(self, fused: fx.GraphModule) -> list:
+        return verify_mod.run(self._call(fused), self.probe)
+
+    def misread(self) -> list[str]:
+        return []
+
+    def finish(self, fused: fx.GraphModule, report: Report) -> torch.export.ExportedProgram:
+        return _export(fused, self.args, self.kwargs, self.flat, self.kw, decompose=is_core_aten(self.ep))
+
+    def count(self, artifact, original: bool) -> Counts:
+        return count_program(self.ep if original else artifact)
 
 
-def _verify(ep, fused, twin, flat, n_args, kw, tolerance) -> Verification:
-    """``fused`` and its float64 ``twin()`` against ``ep.module()`` run in float64."""
-    probe = verify_mod.random_like(tuple(flat), seed=1234)
-    err64, want = verify_mod.float64_error(_Call(ep.module(), n_args, kw), _Call(twin(), n_args, kw), probe,
-                                           tolerance)
-    got = verify_mod.run(_Call(fused, n_args, kw), probe)
-    shapes = [list(t.shape) for t in flat if isinstance(t, torch.Tensor)]
-    return Verification(input_shapes=shapes, error_fp64=err64, error_native=verify_mod.relative_error(got, want),
-                        tolerance=tolerance, passed=err64 <= tolerance)
-
-
-@gc_paused
 def fuse_exported(ep: torch.export.ExportedProgram, *, rules: Sequence[Rule] | None = None,
                   extra_rules: Sequence[Rule] = (), disable: Sequence[str] = (), only: Sequence[str] | None = None,
                   verify: bool = True, check: bool = True, tolerance: float = verify_mod.DEFAULT_TOLERANCE,
-                  report: bool = False):
+                  report: bool = False, progress: Callable[..., None] | None = None):
     """Fuse an ExportedProgram's reparameterizable structure; return a new ExportedProgram (and a Report).
 
     ``ep`` is not modified. Rule selection is as in :func:`reparam.fuse`. With ``verify`` the fused graph is
-    compared with ``ep.module()`` in float64 on random inputs of the program's shapes; a mismatch raises
-    :class:`VerificationError` naming the first wrong rewrite. The result is re-exported with the same
-    input/output structure.
+    compared with ``ep.module()`` on random inputs of the program's shapes (in float64 at ``tolerance``, and as
+    deployed at its dtype's precision); a mismatch raises :class:`VerificationError` naming the first wrong
+    rewrite. The result is re-exported with the same input/output structure. ``progress`` as in
+    :func:`reparam.fuse` (phases 'rewrite', 'verify', 'bisect', 'export').
     """
-    _check_program(ep)
-    started = time.perf_counter()
-    rep = Report()
+    front = AtenFrontEnd(ep)
     chosen = select_rules(None if rules is None else list(rules), extra_rules, disable, only)
-    args, kwargs = example_inputs(ep)
-    kw = list(kwargs)
-    flat = list(args) + [kwargs[k] for k in kw]
-
-    t0 = time.perf_counter()
-    fused, twin, _ = _rewrite(ep, chosen, check, None, rep)
-    rep.seconds["rewrite"] = time.perf_counter() - t0
-    if verify:
-        t0 = time.perf_counter()
-        rep.verification = _verify(ep, fused, twin, flat, len(args), kw, tolerance)
-        rep.seconds["verify"] = time.perf_counter() - t0
-        if not rep.verification.passed:
-            def right_after(k: int) -> bool:
-                part, part_twin, _ = _rewrite(ep, chosen, check, k, Report())
-                return _verify(ep, part, part_twin, flat, len(args), kw, tolerance).passed
-
-            raise mismatch("program", rep, tolerance, right_after)
-    else:
-        rep.verification.skipped = "disabled by the caller"
-
-    t0 = time.perf_counter()
-    out = _export(fused, args, kwargs, flat, kw, decompose=is_core_aten(ep))
-    rep.seconds["export"] = time.perf_counter() - t0
-    rep.seconds["total"] = time.perf_counter() - started
-    if report:
-        rep.before, rep.after = count_program(ep), count_program(out)
-        return out, rep
-    return out
+    return fuse_with(front, Options(chosen, check=check, verify=verify, tolerance=tolerance, report=report,
+                                    progress=progress))
 
 
 def is_core_aten(ep: torch.export.ExportedProgram) -> bool:
@@ -194,10 +218,8 @@ def _export(fused: fx.GraphModule, args: tuple, kwargs: dict, flat: list, kw: li
     n_args = len(args)
     got = verify_mod.run(_Call(out.module(), n_args, kw), probe)
     want = verify_mod.run(_Call(fused, n_args, kw), probe)
-    dtypes = [t.dtype for t in want if t.is_floating_point()]
-    eps = max((torch.finfo(d).eps for d in dtypes), default=0.0)
     err = verify_mod.relative_error(got, want)
-    if not err <= 64 * eps:
+    if not err <= verify_mod.native_tolerance(0.0, [t.dtype for t in want]):
         raise VerificationError(f"the re-exported program differs from the fused graph (relative error {err:.3g})",
                                 error=err)
     return out

@@ -19,6 +19,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from reparam.core import vocabulary as vocab
+from reparam.core.vocabulary import arguments
 from reparam.frontends.fx import importer
 from reparam.core.ops import AvgPool, Flatten, Identity, Linear, Mean, f64
 
@@ -31,25 +33,9 @@ def is_aten(target: Any) -> bool:
     return isinstance(target, OpOverload)
 
 
-def arguments(f: OpOverload, args: tuple, kwargs: dict) -> dict[str, Any]:
-    """The call's arguments by schema name, defaults filled in."""
-    out: dict[str, Any] = {}
-    schema = f._schema.arguments
-    for k, arg in enumerate(schema):
-        if k < len(args):
-            out[arg.name] = args[k]
-        elif arg.name in kwargs:
-            out[arg.name] = kwargs[arg.name]
-        elif arg.has_default_value():
-            out[arg.name] = arg.default_value
-    if len(args) > len(schema) or set(kwargs) - {a.name for a in schema}:
-        raise TypeError(f"unexpected arguments for {f}")
-    return out
-
-
 # --- handlers: (importer, fx node, arguments by name) -> (op, data inputs) or None ---------------------------
 
-def _conv(imp: "importer._Importer", n, a):
+def _conv(imp: "importer.FxImporter", n, a):
     if a.get("transposed", False) or any(a.get("output_padding") or []):
         return None
     return imp.function(n, F.conv2d, (a["input"], a["weight"], a["bias"], a["stride"], a["padding"], a["dilation"],
@@ -132,6 +118,14 @@ def _view(imp, n, a):
     return None
 
 
+def _permute(imp, n, a):
+    return importer.permute_op(a["self"], (list(a["dims"]),), {}, "permute")
+
+
+def _transpose(imp, n, a):
+    return importer.permute_op(a["self"], (a["dim0"], a["dim1"]), {}, "transpose")
+
+
 def _identity(imp, n, a):
     """clone/alias/contiguous: same values (a memory format changes the layout only)."""
     return Identity(), [a["self"]]
@@ -186,6 +180,7 @@ HANDLERS: dict[OpOverload, Callable] = {
     aten.mean.dim: _mean,
     aten.flatten.using_ints: _flatten,
     aten.view.default: _view, aten.reshape.default: _view, aten._unsafe_view.default: _view,
+    aten.permute.default: _permute, aten.transpose.int: _transpose,
     aten.clone.default: _identity, aten.alias.default: _identity, aten.contiguous.default: _identity,
     aten.dropout.default: _dropout,
     aten.avg_pool1d.default: _avg_pool(1), aten.avg_pool2d.default: _avg_pool(2),
@@ -198,12 +193,7 @@ SPLITS = {aten.chunk.default: "chunks", aten.split.Tensor: "split_size", aten.sp
           aten.split.sizes: "split_size"}
 
 
-def _recognizer(f: OpOverload, handler: Callable):
-    """The FX importer's handler for ATen overload ``f``: its arguments by schema name, then ``handler``."""
-    return lambda imp, n, args, kwargs: handler(imp, n, arguments(f, args, kwargs))
-
-
-def split_sizes(imp: "importer._Importer", src: fx.Node):
+def split_sizes(imp: "importer.FxImporter", src: fx.Node):
     """(x, dim, sizes) of an ATen chunk/split whose every user is a getitem, else None."""
     from reparam.frontends.fx.nodes import fx_shape
 
@@ -269,5 +259,6 @@ def normalize(gm: fx.GraphModule) -> int:
     return count
 
 
-importer.FUNCTIONS.update({f: _recognizer(f, handler) for f, handler in HANDLERS.items()})
-importer.SPLITS.update({f: split_sizes for f in SPLITS})
+for _overload, _handler in HANDLERS.items():
+    vocab.aten(_overload, fn=_handler)
+vocab.fx_split(*SPLITS, fn=split_sizes)

@@ -1,9 +1,13 @@
-"""``reparam.fuse``: training-time model in, numerically equivalent single-branch model out."""
+"""``reparam.fuse``: training-time model in, numerically equivalent single-branch model out.
+
+The torch.fx adapter of the one fuse driver (:mod:`reparam.frontends.pipeline`): the model is captured (whole,
+else region by region), each region's graph imported to IR, rewritten, exported back as a GraphModule, and the
+regions put in place in a copy of the model. A model traced whole keeps its class (docs/design.md, "Drop-in
+deploy models"): the whole graph and the regions at its module boundaries are both rewritten, and the deploy
+model is built from one of them (:meth:`FxFrontEnd.assemble`)."""
 from __future__ import annotations
 
 import copy
-import time
-from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -11,21 +15,25 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
-from reparam.frontends import verify as verify_mod
-from reparam.frontends.fx.capture import capture, eval_mode, example_inputs_for, set_submodule
-from reparam.core.engine import Engine
-from reparam.errors import CaptureError, ReparamError
-from reparam.frontends.fx.exporter import export_fx
-from reparam.frontends.fx.importer import import_fx
-from reparam.frontends.fx.prune import prune_unused
-from reparam.frontends.fx.import_check import misread_nodes
-from reparam.frontends.pipeline import gc_paused, mismatch
-from reparam.core.ir import Graph
-from reparam.frontends.rulesets import select_rules
-from reparam.core.report import Report, Verification
-from reparam.frontends.fx import dropin
-from reparam.frontends.fx.counting import count_model, count_run
+from reparam.core.ir import Node
+from reparam.core.report import Report
 from reparam.core.rule import Rule
+from reparam.errors import CaptureError, ReparamError
+from reparam.frontends import verify as verify_mod
+from reparam.frontends.base import Outputs, Region
+from reparam.frontends.fx import dropin
+from reparam.frontends.fx.capture import capture, eval_mode, example_inputs_for, set_submodule
+from reparam.frontends.fx.counting import count_run
+from reparam.frontends.fx.exporter import export_fx
+from reparam.frontends.fx.import_check import misread_nodes
+from reparam.frontends.fx.importer import import_fx
+from reparam.frontends.fx.nodes import FxOrigin
+from reparam.frontends.fx.param_fold import materialize
+from reparam.frontends.fx.prune import prune_unused
+from reparam.frontends.pipeline import Options, fuse_with, opaque_note
+from reparam.frontends.rulesets import select_rules
+
+PROBE_SEED = 1234  # the verification's random inputs (the same for every front end)
 
 
 def _as_tuple(example_inputs) -> tuple | None:
@@ -41,114 +49,265 @@ def _shapes(inputs: tuple) -> list[list[int]]:
     return [list(t.shape) for t in leaves if isinstance(t, torch.Tensor)]
 
 
-def _rewrite(model: nn.Module, inputs, rules, check, stop_after, report: Report, form: str = "auto"):
-    """Capture ``model`` (in eval mode for the while), rewrite it, and build the deploy model from a copy.
-    The model itself is left as it was.
+def import_graph_module(gm: fx.GraphModule, report: Report, path: str = "") -> Region:
+    """``gm`` (shapes attached) read into IR, unused nodes pruned; import notes into ``report``."""
+    graph, notes = import_fx(gm)
+    prune_unused(graph)
+    materialize(graph)
+    report.notes.extend(f"{path + ': ' if path else ''}{n}" for n in notes)
+    return Region(path, graph, source=gm)
 
-    Returns the deploy model, a function building its twin whose new tensors are float64 (for exact
-    verification; built only when it is needed), and the form chosen (see :func:`_deploy_forms`)."""
-    with eval_mode(model):
-        return _rewrite_eval(model, inputs, rules, check, stop_after, report, form)
+
+def export_region(region: Region, dtype: torch.dtype | None = None) -> fx.GraphModule:
+    """The region's rewritten graph as a GraphModule; ``dtype=torch.float64``: every new tensor in float64, as
+    computed (not cast), for exact verification."""
+    if dtype is None:
+        return export_fx(region.graph, region.source, copy_modules=True)
+    return export_fx(region.graph, region.source, dtype)
 
 
-def _rewrite_eval(work: nn.Module, inputs, rules, check, stop_after, report: Report, form: str):
-    cap = capture(work, inputs)
-    if inputs is not None and cap.regions and cap.regions[0].path == "" and not cap.shaped:
+def fx_opaque_kind(node: Node) -> str:
+    """An opaque FX node's operation: the module class it calls, or the function or method name."""
+    origin = node.origin
+    n = origin.node if isinstance(origin, FxOrigin) else None
+    if n is None:
+        return node.op.what
+    if n.op == "call_module" and n.graph.owning_module is not None:
         try:
-            verify_mod.run(work, inputs)
-        except Exception as err:
-            raise CaptureError(f"the model does not run on inputs of shape {_shapes(inputs)}: "
-                               f"{type(err).__name__}: {err}") from err
-    report.opaque.update(cap.opaque)
-    if cap.regions and cap.regions[0].path == "":
-        whole = rewrite_graph_module(cap.regions[0].gm, rules, check, stop_after, report)
-        return _deploy_forms(work, whole, inputs, rules, check, stop_after, report, form)
-    if cap.opaque.get("") and cap.regions:
-        report.notes.append(f"the model's forward could not be traced as a whole ({cap.opaque['']}); "
-                            f"{len(cap.regions)} traceable submodule(s) were fused separately")
-    result, twin = _fuse_regions(work, cap, inputs, rules, check, stop_after, report)
-    return result, twin, "regions"
+            return type(n.graph.owning_module.get_submodule(str(n.target))).__name__
+        except AttributeError:
+            return str(n.target)
+    if n.op == "call_method":
+        return f".{n.target}()"
+    return n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
 
 
-def _fuse_regions(work: nn.Module, cap, inputs, rules, check, stop_after, report: Report):
-    """Rewrite each region of ``cap`` and put them in place in a copy of ``work`` (see :func:`_assemble`);
-    ``stop_after`` counts the rewrites of all regions together, in order."""
-    rewritten: list[tuple[str, Rewritten]] = []
-    budget = stop_after
-    for region in cap.regions:
-        done = rewrite_graph_module(region.gm, rules, check, budget, report, region.path)
-        rewritten.append((region.path, done))
-        if budget is not None:
-            budget = max(budget - done.count, 0)
-    result, kept = _assemble(work, rewritten, inputs, report)
-
-    def twin() -> nn.Module:
-        out = dropin.uninstalled(copy.deepcopy(result))  # the regions' own forward (a graph is put on later)
-        for path, done in kept:
-            region64 = done.float64_twin()
-            carry_attributes(out.get_submodule(path), region64)
-            set_submodule(out, path, region64)
-        return out
-
-    return result, twin
+OPAQUE_NOTE = "operations opaque to the rules"  # how the pipeline's opaque note begins
 
 
-def _deploy_forms(work: nn.Module, whole: "Rewritten", inputs, rules, check, stop_after, report: Report,
-                  form: str):
-    """The deploy model of a model traced whole (docs/design.md, "Drop-in deploy models"), in one form:
+class FxFrontEnd:
+    """An ``nn.Module`` fused through torch.fx (see :func:`fuse`).
 
-    - 'graph': the fused GraphModule itself (for a torch.nn container or GraphModule given as the model,
-      which have no methods of their own to keep);
-    - 'sealed': an instance of the model's class holding only its plain attributes and the graph, installed
-      as its forward (a class with no public method but forward);
+    A model traced whole is deployed in one of these forms (``self.form``, see docs/design.md, "Drop-in deploy
+    models"):
+
+    - 'graph': the fused GraphModule itself (``keep_class=False``, or a torch.nn container or GraphModule given
+      as the model, which have no methods of their own to keep);
+    - 'sealed': an instance of the model's class holding only its plain attributes and the graph, installed as
+      its forward (a class with no public method but forward);
     - 'regions': an instance of the model's class, each submodule its code can observe fused in place;
-    - 'installed': 'regions' with the whole graph installed as its forward, when the graph runs fewer convs
-      or BatchNorms on the example input than the regions do.
-    'auto' picks the form; the others rebuild a given one (bisection)."""
-    if form == "auto":
-        if type(work) in dropin.CONTAINERS or isinstance(work, fx.GraphModule):
-            form = "graph"
-        elif dropin.is_sealed(type(work)):
-            form = "sealed"
-    if form == "graph":
-        return whole.fused, whole.float64_twin, form
+    - 'installed': 'regions' with the whole graph installed as its forward, when the graph runs fewer convs,
+      BatchNorms or Linear products on the example input than the regions do.
+
+    For the last two both versions are imported (the whole graph first, then the boundary regions) and rewritten
+    in one run, so the bisection counts the rewrites of both in that order; the form is chosen at the first
+    assembly and kept for the bisection's re-runs; both forward and the class's own forward through the fused
+    regions are verified; :meth:`finish` drops the unchosen version's rewrites from the report."""
+
+    subject = "model"
+
+    def __init__(self, model: nn.Module, example_inputs, keep_class: bool = True):
+        if not isinstance(model, nn.Module):
+            raise ReparamError(f"fuse() needs a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.keep_class = keep_class
+        self.form: str | None = None  # for a model traced whole: 'graph', 'sealed', 'regions' or 'installed'
+        self._report: Report | None = None  # the report of the rewrite in progress (where each region's log starts)
+        self._boundary: Report = Report()  # the boundary regions' import and assembly notes
+        self._regions: list[Region] = []
+        self.inputs = _as_tuple(example_inputs)
+        self.guessed = False
+        if self.inputs is None:
+            self.inputs = example_inputs_for(model)
+            self.guessed = self.inputs is not None
+        self.probe = verify_mod.random_like(self.inputs, seed=PROBE_SEED) if self.inputs is not None else None
+
+    def prepare(self, report: Report) -> None:
+        training = [name or "the model" for name, m in self.model.named_modules() if m.training]
+        if training:
+            who = "the model was" if self.model.training else \
+                f"submodule(s) {', '.join(training[:3])}{' …' if len(training) > 3 else ''} were"
+            report.notes.append(f"{who} in training mode; it was fused in eval mode (BatchNorm uses running "
+                                "statistics, dropout is off)")
+        if self.guessed:
+            report.notes.append(f"no example inputs given; guessed one of shape {_shapes(self.inputs)}")
+
+    def import_graphs(self, report: Report) -> list[Region]:
+        with eval_mode(self.model):
+            cap = capture(self.model, self.inputs)
+            if self.inputs is not None and cap.regions and cap.regions[0].path == "" and not cap.shaped:
+                try:
+                    verify_mod.run(self.model, self.inputs)
+                except Exception as err:
+                    raise CaptureError(f"the model does not run on inputs of shape {_shapes(self.inputs)}: "
+                                       f"{type(err).__name__}: {err}") from err
+        report.opaque.update(cap.opaque)
+        report.notes.extend(cap.notes)
+        if cap.opaque.get("") and cap.regions:
+            report.notes.append(f"the model's forward could not be traced as a whole ({cap.opaque['']}); "
+                                f"{len(cap.regions)} traceable submodule(s) were fused separately")
+        self._report = report
+        regions = [import_graph_module(r.gm, report, r.path) for r in cap.regions]
+        if not (regions and regions[0].path == ""):
+            return regions
+        regions[0].extra["whole"] = True
+        if self.form is None:
+            self.form = self._whole_form()
+        if self.form in ("graph", "sealed"):
+            return regions
+        self._boundary = Report()
+        with eval_mode(self.model):
+            boundary = dropin.boundary_capture(self.model, self.inputs)
+        self._boundary.opaque.update(boundary.opaque)
+        self._boundary.notes.extend(boundary.notes)
+        return regions + [import_graph_module(r.gm, self._boundary, r.path) for r in boundary.regions]
+
+    def _whole_form(self) -> str | None:
+        """The form of a model traced whole, or None when the example input's counts choose it (at assembly)."""
+        if not self.keep_class or type(self.model) in dropin.CONTAINERS or isinstance(self.model, fx.GraphModule):
+            return "graph"
+        return "sealed" if dropin.is_sealed(type(self.model)) else None
+
+    def _paired(self, regions: list[Region]) -> bool:
+        """Both versions were rewritten: the deploy model is built from the boundary regions (and the graph)."""
+        return bool(regions) and regions[0].extra.get("whole", False) and self.form in (None, "regions", "installed")
+
+    def export(self, region: Region) -> fx.GraphModule:
+        if self._report is not None:  # where this region's log starts in the report
+            region.extra["log_from"] = (len(self._report.rules_fired), len(self._report.refusals))
+        return export_region(region)
+
+    def assemble(self, regions: list[Region], report: Report) -> nn.Module:
+        self._regions = regions
+        if len(regions) == 1 and regions[0].path == "" and self.form == "graph":
+            return regions[0].fused
+        if self.form == "sealed":
+            with eval_mode(self.model):
+                return dropin.install(dropin.shell(self.model), regions[0].fused, sealed=True)
+        whole, boundary = (regions[0], regions[1:]) if self._paired(regions) else (None, regions)
+        with eval_mode(self.model):
+            result, kept = _assemble(self.model, [(r.path, r) for r in boundary], self.inputs,
+                                     self._boundary if whole is not None else report)
+        kept_paths = {path for path, _ in kept}
+        for r in boundary:
+            r.extra["kept"] = r.path in kept_paths
+        if whole is None:
+            return result
+        if self.form is None:
+            self.form = self._choose(result, whole.fused, report)
+        return dropin.install(result, whole.fused, sealed=False) if self.form == "installed" else result
+
+    def _choose(self, by_regions: nn.Module, by_graph: nn.Module, report: Report) -> str:
+        """'installed' when the whole graph runs fewer convs, BatchNorms or Linear products on the example input
+        than the model's own forward through its fused regions, else 'regions'."""
+        if self.inputs is None:
+            return "regions"
+        ours, graph = count_run(by_regions, self.inputs), count_run(by_graph, self.inputs)
+        if not any(getattr(ours, k) > getattr(graph, k) for k in ("convs", "bns", "linears")):
+            return "regions"
+        report.notes.append(
+            f"forward runs the whole fused graph ({graph.convs} convs, {graph.bns} BatchNorms, {graph.linears} "
+            f"Linear products on the example input); the model's other methods run its fused submodules "
+            f"({ours.convs} convs, {ours.bns} BatchNorms, {ours.linears} Linear products through forward's own code)")
+        return "installed"
+
+    def opaque_kind(self, node: Node) -> str:
+        return fx_opaque_kind(node)
+
+    def cannot_verify(self) -> str | None:
+        return "no example inputs (pass example_inputs to verify)" if self.inputs is None else None
+
+    def input_shapes(self) -> list[list[int]]:
+        return _shapes(self.inputs)
+
+    # A drop-in model is verified twice over: its forward, and its class's own forward through the fused
+    # regions (what its other methods run); the original's outputs are compared with both.
+
+    def reference(self, regions: list[Region]) -> Outputs:
+        # float64 streamed (no float64 copy of the model); the original as it runs, on a copy of its modules
+        exact = verify_mod.outputs_float64(self.model, self.probe)
+        native = verify_mod.run(verify_mod.eval_view(self.model), self.probe)
+        twice = 2 if self._paired(regions) else 1
+        return Outputs(exact=exact * twice, native=native * twice)
+
+    def _both(self, fused: nn.Module, run: Callable[[nn.Module], list]) -> list:
+        """``run(fused)``, and for a drop-in model ``run`` of it on its class's own forward after it."""
+        outs = run(fused)
+        if not self._paired(self._regions):
+            return outs
+        if self.form != "installed":
+            return outs + outs
+        with dropin.own_forward(fused):
+            return outs + run(fused)
+
+    def exact(self, fused: nn.Module, regions: list[Region]) -> list:
+        twin = float64_twin(fused, regions, self)
+        return self._both(twin, lambda m: verify_mod.outputs_float64(m, self.probe))
+
+    def recheck(self, fused: nn.Module, regions: list[Region]) -> tuple[list, list]:
+        twice = 2 if self._paired(regions) else 1
+        twin = float64_twin(fused, regions, self)
+        return (verify_mod.run(self.model, self.probe, torch.float64) * twice,
+                self._both(twin, lambda m: verify_mod.run(m, self.probe, torch.float64)))
+
+    def native(self, fused: nn.Module) -> list:
+        return self._both(fused, lambda m: verify_mod.run(m, self.probe))
+
+    def misread(self) -> list[str]:
+        return _misread(self.model, self.inputs)
+
+    def finish(self, fused: nn.Module, report: Report) -> nn.Module:
+        regions = self._regions
+        if self._paired(regions):
+            self._keep_log_of(regions, report)
+        return fused
+
+    def _keep_log_of(self, regions: list[Region], report: Report) -> None:
+        """The report tells what the chosen version's rewrite did: the whole graph's for 'installed', the boundary
+        regions' for 'regions' (their log follows the whole graph's, see :meth:`export`)."""
+        fired, refused = regions[1].extra["log_from"] if len(regions) > 1 else \
+            (len(report.rules_fired), len(report.refusals))
+        chosen = regions[:1] if self.form == "installed" else regions[1:]
+        if self.form == "installed":
+            report.rules_fired, report.refusals = report.rules_fired[:fired], report.refusals[:refused]
+        else:
+            report.rules_fired, report.refusals = report.rules_fired[fired:], report.refusals[refused:]
+            report.notes.extend(n for n in self._boundary.notes if n not in report.notes)
+        report.opaque.update(self._boundary.opaque)
+        note = opaque_note(self, chosen)
+        report.notes[:] = [n for n in report.notes if not n.startswith(OPAQUE_NOTE)] + ([note] if note else [])
+
+    def count(self, artifact, original: bool):
+        return count_run(self.model if original else artifact, self.inputs)  # what runs, at ATen level
+
+
+def float64_twin(fused: nn.Module, regions: list[Region], front: FxFrontEnd | None = None) -> nn.Module:
+    """``fused`` with each kept region's new tensors computed (not cast) in float64 (in the form ``front`` chose
+    for a model traced whole)."""
+    form = front.form if front is not None else None
+    if regions and regions[0].path == "" and form in (None, "graph") and len(regions) == 1:
+        return export_region(regions[0], torch.float64)
     if form == "sealed":
-        return (dropin.install(dropin.shell(work), whole.fused, sealed=True),
-                lambda: dropin.install(dropin.shell(work), whole.float64_twin(), sealed=True), form)
-    regions_report = Report()
-    cap = dropin.boundary_capture(work, inputs)
-    result, twin = _fuse_regions(work, cap, inputs, rules, check, stop_after, regions_report)
-    if form == "auto":
-        form = "regions"
-        if inputs is not None and not isinstance(work, dropin.CONTAINERS):
-            by_regions, by_graph = count_run(result, inputs), count_run(whole.fused, inputs)
-            if any(by_regions[k] > by_graph[k] for k in ("convs", "bns", "matmuls")):
-                form = "installed"
-                report.notes.append(
-                    f"forward runs the whole fused graph ({by_graph['convs']} convs, {by_graph['bns']} BatchNorms, "
-                    f"{by_graph['matmuls']} matrix products on the example input); the model's other methods run "
-                    f"its fused submodules ({by_regions['convs']} convs, {by_regions['bns']} BatchNorms, "
-                    f"{by_regions['matmuls']} matrix products through forward's own code)")
-    if form == "regions":
-        _replace_log(report, regions_report)
-        return result, twin, form
-    report.opaque.update(regions_report.opaque)
-    return (dropin.install(result, whole.fused, sealed=False),
-            lambda: dropin.install(twin(), whole.float64_twin(), sealed=False), form)
-
-
-def _replace_log(report: Report, by: Report) -> None:
-    """``report`` tells what ``by`` (the rewrite of the form kept) did, instead of the whole graph's rewrite."""
-    report.rules_fired, report.refusals = by.rules_fired, by.refusals
-    report.notes.extend(n for n in by.notes if n not in report.notes)
-    report.opaque.update(by.opaque)
+        with eval_mode(front.model):
+            return dropin.install(dropin.shell(front.model), export_region(regions[0], torch.float64), sealed=True)
+    paired = front is not None and front._paired(regions)
+    out = dropin.uninstalled(copy.deepcopy(fused))  # the regions' own forward (the graph is put on again below)
+    for r in regions[1:] if paired else regions:
+        if r.extra.get("kept"):
+            region64 = export_region(r, torch.float64)
+            carry_attributes(out.get_submodule(r.path), region64)
+            set_submodule(out, r.path, region64)
+    if paired and form == "installed":
+        dropin.install(out, export_region(regions[0], torch.float64), sealed=False)
+    return out
 
 
 def _assemble(work: nn.Module, rewritten: list, inputs, report: Report):
     """A copy of ``work`` with its fused regions in place (each keeping the plain attributes of the module
     it replaces, which the surrounding code may read). A region the rest of the model cannot run with
     (it uses something a graph does not have, e.g. a method) is put back as it was, and the report says
-    so. Returns the model and the regions kept."""
+    so. ``rewritten`` is a list of (path, region) with ``region.fused`` the region's GraphModule. Returns the
+    model and the (path, region) pairs kept."""
     result = copy.deepcopy(work)  # never the input itself
     originals = {path: result.get_submodule(path) for path, _ in rewritten}
     for path, done in rewritten:
@@ -188,42 +347,10 @@ def carry_attributes(original: nn.Module, fused: nn.Module) -> None:
             kept[name] = value
 
 
-@dataclass
-class Rewritten:
-    """A rewritten graph: the deploy GraphModule and the number of rewrites applied."""
-
-    graph: Graph
-    source: fx.GraphModule
-    fused: fx.GraphModule
-    count: int
-
-    def float64_twin(self) -> fx.GraphModule:
-        """The same graph with every new tensor in float64, as computed (not cast), for exact verification."""
-        return export_fx(self.graph, self.source, torch.float64)
-
-
-def rewrite_graph_module(gm: fx.GraphModule, rules, check, stop_after, report: Report, path: str = "") -> Rewritten:
-    """Import ``gm`` (shapes attached), rewrite it to a fixpoint, export it back; log into ``report``."""
-    graph, notes = import_fx(gm)
-    prune_unused(graph)
-    report.notes.extend(f"{path + ': ' if path else ''}{n}" for n in notes)
-    engine = Engine(rules, check=check, stop_after=stop_after)
-    log = engine.run(graph, wait=False)
-    try:
-        fused = export_fx(graph, gm, copy_modules=True)  # while the last local checks finish
-    finally:
-        engine.wait()
-    prefix = f"{path}." if path else ""
-    report.rules_fired += [dict(rule=e.rule, where=prefix + e.where, detail=e.detail) for e in log.fired_events()]
-    report.refusals += [dict(rule=e.rule, where=prefix + e.where, detail=e.detail) for e in log.refusals()]
-    return Rewritten(graph, gm, fused, engine.count)
-
-
-@gc_paused
 def fuse(model: nn.Module, example_inputs=None, *, rules: Sequence[Rule] | None = None,
          extra_rules: Sequence[Rule] = (), disable: Sequence[str] = (), only: Sequence[str] | None = None,
          verify: bool = True, check: bool = True, tolerance: float = verify_mod.DEFAULT_TOLERANCE,
-         report: bool = False, progress: Callable[[str], None] | None = None, keep_class: bool = True,
+         report: bool = False, progress: Callable[..., None] | None = None, keep_class: bool = True,
          _stop_after: int | None = None):
     """Fuse ``model``'s reparameterizable structure; return the deploy module (and a Report if asked).
 
@@ -231,74 +358,17 @@ def fuse(model: nn.Module, example_inputs=None, *, rules: Sequence[Rule] | None 
     tuple) fixes the shapes used for capture and verification; without it one input is guessed from the
     first conv/linear layer. ``rules`` replaces the built-in rule list, ``extra_rules`` are tried before it,
     ``disable``/``only`` pick rules by name. With ``verify`` the result is compared end to end with the
-    original in float64 and a mismatch raises :class:`VerificationError` naming the rewrite responsible.
-    ``progress``, if given, is called with the name of each long step as it starts ('rewrite', 'verify').
-    With ``keep_class`` (the default) the deploy model is an instance of the model's class with its
-    attributes and methods (docs/design.md, "Drop-in deploy models"); without it, a model traced whole
-    comes back as one fused ``torch.fx.GraphModule``.
+    original (in float64 at ``tolerance``, and as deployed at its dtype's precision) and a mismatch raises
+    :class:`VerificationError` naming the rewrite responsible. ``progress``, if given, is called with the name
+    of each long step as it starts ('rewrite', 'verify', 'bisect'), and with ``done=``/``total=`` counts if it
+    accepts them. With ``keep_class`` (the default) the deploy model is an instance of the model's class with its
+    attributes and methods (docs/design.md, "Drop-in deploy models"); without it, a model traced whole comes back
+    as one fused ``torch.fx.GraphModule``.
     """
-    if not isinstance(model, nn.Module):
-        raise ReparamError(f"fuse() needs a torch.nn.Module, got {type(model).__name__}")
-    started = time.perf_counter()
-    rep = Report()
+    front = FxFrontEnd(model, example_inputs, keep_class)
     chosen = select_rules(None if rules is None else list(rules), extra_rules, disable, only)
-    training = [name or "the model" for name, m in model.named_modules() if m.training]
-    if training:
-        who = "the model was" if model.training else \
-            f"submodule(s) {', '.join(training[:3])}{' …' if len(training) > 3 else ''} were"
-        rep.notes.append(f"{who} in training mode; it was fused in eval mode (BatchNorm uses running "
-                         "statistics, dropout is off)")
-    inputs = _as_tuple(example_inputs)
-    if inputs is None:
-        inputs = example_inputs_for(model)
-        if inputs is not None:
-            rep.notes.append(f"no example inputs given; guessed one of shape {_shapes(inputs)}")
-    t0 = time.perf_counter()
-    if progress is not None:
-        progress("rewrite")
-    fused, twin, form = _rewrite(model, inputs, chosen, check, _stop_after, rep, "auto" if keep_class else "graph")
-    rep.seconds["rewrite"] = time.perf_counter() - t0
-    if verify and inputs is not None and _stop_after is None:
-        t0 = time.perf_counter()
-        if progress is not None:
-            progress("verify")
-        fused64 = twin()
-        rep.verification = _verify(model, fused, fused64, inputs, tolerance)
-        checked = form
-        if rep.verification.passed and form == "installed":  # the fused submodules the other methods run
-            checked = "regions"
-            with dropin.own_forward(fused), dropin.own_forward(fused64):
-                rep.verification = _verify(model, fused, fused64, inputs, tolerance)
-        rep.seconds["verify"] = time.perf_counter() - t0
-        if not rep.verification.passed:
-            def right_after(k: int) -> bool:
-                partial, partial_twin, _ = _rewrite(model, inputs, chosen, check, k, Report(), checked)
-                return _verify(model, partial, partial_twin(), inputs, tolerance).passed
-
-            if checked != form:  # the log of the regions' rewrite, which the bisection counts
-                _rewrite(model, inputs, chosen, check, None, regions_rep := Report(), checked)
-                _replace_log(rep, regions_rep)
-            raise mismatch("model", rep, tolerance, right_after, lambda: _misread(model, inputs))
-    elif not verify:
-        rep.verification.skipped = "disabled by the caller"
-    elif inputs is None:
-        rep.verification.skipped = "no example inputs (pass example_inputs to verify)"
-    rep.seconds["total"] = time.perf_counter() - started
-    if report:
-        rep.before, rep.after = count_model(model), count_model(fused)
-        return fused, rep
-    return fused
-
-
-def _verify(original: nn.Module, fused: nn.Module, fused64: nn.Module, inputs: tuple,
-            tolerance: float) -> Verification:
-    """Both models in float64 (the fused one with its new weights computed, not cast, in float64)."""
-    probe = verify_mod.random_like(inputs, seed=1234)
-    err64, want = verify_mod.float64_error(original, fused64, probe, tolerance)
-    got = verify_mod.run(fused, probe)
-    return Verification(input_shapes=_shapes(inputs), error_fp64=err64,
-                        error_native=verify_mod.relative_error(got, want), tolerance=tolerance,
-                        passed=err64 <= tolerance)
+    return fuse_with(front, Options(chosen, check=check, verify=verify, tolerance=tolerance, report=report,
+                                    progress=progress, stop_after=_stop_after))
 
 
 def _misread(model: nn.Module, inputs) -> list[str]:

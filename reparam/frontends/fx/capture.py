@@ -1,7 +1,11 @@
 """Capture: trace a module with torch.fx and attach shapes to every node.
 
-A model whose forward cannot be traced as a whole is split: its largest traceable submodules become
-regions (fused on their own), the rest stays as it was and is reported as opaque.
+Symbolic tracing is used where it sees everything the model computes. Where it fails, or its graph mutates
+a tensor that something else reads or reads a tensor's shape besides its value (so the tensor looks used
+twice), the registered concrete captures (``CONCRETE_CAPTURES``: torch.export on the example inputs, see
+``reparam.frontends.aten.concrete``) record the model instead. A model that neither can capture as a whole
+is split: its largest capturable submodules become regions (fused on their own), the rest stays as it was
+and is reported as opaque.
 """
 from __future__ import annotations
 
@@ -9,12 +13,14 @@ import collections
 import contextlib
 import copy
 import functools
+import operator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch.nn.utils import parametrize
 
 from reparam.errors import CaptureError
 from reparam.frontends.fx.shapes import attach_shapes
@@ -34,11 +40,65 @@ class Capture:
     regions: list[Region] = field(default_factory=list)
     opaque: dict[str, str] = field(default_factory=dict)  # module path -> why it was not traced
     shaped: bool = False  # shapes were attached to the whole-model graph
+    notes: list[str] = field(default_factory=list)  # how a region was captured, when not symbolically
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
     text = f"{type(err).__name__}: {err}".strip().splitlines()
     return text[0][:200] if text else type(err).__name__
+
+
+_first_line = first_line
+
+# Captures that record a module on its example inputs: callables (module, inputs) -> GraphModule with shapes on
+# its nodes, raising on failure. The ATen front end registers torch.export's (reparam.frontends.aten.concrete).
+CONCRETE_CAPTURES: list[Callable[[nn.Module, tuple | None], fx.GraphModule]] = []
+
+_SHAPE_QUERIES = {"size", "dim", "numel", "nelement"}
+_SHAPE_ATTRS = {"shape", "ndim"}
+_LIKE = {"reshape_as", "view_as", "expand_as"}
+_IN_PLACE_FUNCS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem}
+
+
+def _shape_only_use(u: fx.Node, n: fx.Node) -> bool:
+    """``u`` reads only the shape of ``n``."""
+    if u.op == "call_method":
+        return (u.target in _SHAPE_QUERIES and u.args[0] is n) or \
+            (u.target in _LIKE and len(u.args) > 1 and u.args[1] is n and u.args[0] is not n)
+    return u.op == "call_function" and u.target is getattr and u.args[0] is n and u.args[1] in _SHAPE_ATTRS
+
+
+def _mutated(n: fx.Node) -> fx.Node | None:
+    """The tensor ``n`` writes into in place, if any."""
+    first = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
+    if n.op == "call_method" and str(n.target).endswith("_") and not str(n.target).startswith("_"):
+        return first
+    if n.op == "call_function" and (n.target in _IN_PLACE_FUNCS or n.kwargs.get("inplace") is True or
+                                    getattr(n.target, "__name__", "_").endswith("_")
+                                    and not getattr(n.target, "__name__", "_").startswith("_")):
+        return first
+    if n.op == "call_module" and n.graph.owning_module is not None:
+        m = n.graph.owning_module.get_submodule(n.target)
+        return first if getattr(m, "inplace", False) is True else None
+    return None
+
+
+def sees_less(gm: fx.GraphModule) -> str | None:
+    """Why the symbolic graph ``gm`` reads less than the model computes (None if it reads it all): an in-place
+    write into a tensor that is read elsewhere too (its later reads would see the old value), an index write,
+    or a shape query of a computed tensor that is also read for its value (a second consumer that only the
+    shape needs)."""
+    for n in gm.graph.nodes:
+        target = getattr(n.target, "__name__", n.target)
+        x = _mutated(n)
+        if n.op == "call_function" and n.target is operator.setitem:
+            return f"'{n.name}' writes into a tensor by index"
+        if x is not None and len(x.users) > 1:
+            return f"'{n.name}' ({target}) writes in place into '{x.name}', which is read elsewhere too"
+        if n.op in ("call_module", "call_function", "call_method") and len(n.users) > 1 and \
+                any(_shape_only_use(u, n) for u in n.users) and not all(_shape_only_use(u, n) for u in n.users):
+            return f"the shape of '{n.name}' is read besides its value"
+    return None
 
 
 def record_inputs(model: nn.Module, example_inputs: tuple) -> dict[str, tuple]:
@@ -65,11 +125,21 @@ def has_hooks(m: nn.Module) -> bool:
 
 class _IndexedTracer(fx.Tracer):
     """torch.fx's tracer, but a parameter or buffer used in forward is found by a dict lookup instead of a
-    scan of every named parameter (quadratic in the model size when BatchNorms are traced through), and
-    a module with hooks stays one call (tracing through it would drop its hooks)."""
+    scan of every named parameter (quadratic in the model size when BatchNorms are traced through), a buffer
+    read in forward is a graph node, and a module with hooks stays one call (tracing through it would drop its
+    hooks)."""
+
+    # a computation on buffers is recorded (and folded from their float64 values), not run once while tracing
+    # and baked into the graph as a float32 constant
+    proxy_buffer_attributes = True
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return has_hooks(m) or super().is_leaf_module(m, qualname)
+        if has_hooks(m):
+            return True
+        # a parametrized layer computes its weights in forward: traced through, so they are folded exactly
+        inside = parametrize.is_parametrized(m) or isinstance(m, parametrize.ParametrizationList) or \
+            ".parametrizations." in f".{qualname}."
+        return not inside and super().is_leaf_module(m, qualname)
 
     def trace(self, root, concrete_args=None):
         self._attr_names: dict[int, tuple[torch.Tensor, str]] = {}
@@ -145,16 +215,44 @@ def trace(module: nn.Module) -> fx.GraphModule:
     return fx.GraphModule(tracer.root, graph, module.__class__.__name__)
 
 
+def capture_one(module: nn.Module, inputs: tuple | None) -> tuple[fx.GraphModule, bool, str | None]:
+    """``module`` as one graph: (graph, shapes attached, note). Symbolic tracing when it sees everything,
+    else a concrete capture on ``inputs``; raises (the symbolic failure first) when neither can."""
+    symbolic, why = None, None
+    try:
+        symbolic = trace(module)
+        why = sees_less(symbolic)
+        if why is None:
+            return symbolic, attach_shapes(symbolic, inputs), None
+    except Exception as err:  # noqa: BLE001 - any tracing failure: try the concrete captures
+        why = first_line(err)
+        failure = err
+    reasons = []
+    for concrete in CONCRETE_CAPTURES if inputs is not None else ():
+        try:
+            return concrete(module, inputs), True, f"captured on the example inputs ({why})"
+        except Exception as err:  # noqa: BLE001
+            reasons.append(first_line(err))
+    if symbolic is not None:  # symbolic tracing reads less, but nothing else reads it at all
+        note = f"traced symbolically although {why}" + (f"; the concrete capture failed: {reasons[0]}"
+                                                         if reasons else "")
+        return symbolic, attach_shapes(symbolic, inputs), note
+    if reasons:
+        raise CaptureError(f"{why}; on the example inputs: {reasons[0]}") from failure
+    raise failure
+
+
 def capture(model: nn.Module, example_inputs: tuple | None) -> Capture:
-    """Trace ``model`` whole if possible; otherwise its largest traceable submodules."""
+    """Capture ``model`` whole if possible (see ``capture_one``); otherwise its largest capturable submodules."""
     out = Capture()
     try:
-        gm = trace(model)
-        out.shaped = attach_shapes(gm, example_inputs)
+        gm, out.shaped, note = capture_one(model, example_inputs)
+        if note:
+            out.notes.append(note)
         out.regions.append(Region("", gm, example_inputs))
         return out
-    except Exception as err:  # any tracing failure: fall back to submodules
-        out.opaque[""] = _first_line(err)
+    except Exception as err:  # any capture failure: fall back to submodules
+        out.opaque[""] = str(err)[:300] if isinstance(err, CaptureError) else first_line(err)
     try:
         recorded = record_inputs(structure_copy(model), example_inputs) if example_inputs is not None else {}
     except Exception as err:
@@ -170,9 +268,10 @@ def _capture_children(module: nn.Module, prefix: str, recorded: dict[str, tuple]
             continue  # nothing to fuse inside
         if path in recorded or not recorded:
             try:
-                gm = trace(child)
                 inputs = recorded.get(path)
-                attach_shapes(gm, inputs)
+                gm, _, note = capture_one(child, inputs)
+                if note:
+                    out.notes.append(f"'{path}': {note}")
                 out.regions.append(Region(path, gm, inputs))
                 continue
             except Exception as err:

@@ -1,4 +1,11 @@
-"""Counting what a PyTorch model computes: calls in its FX graph (recursing into fused regions), else its modules."""
+"""Counting what a PyTorch model computes.
+
+``count_run`` counts what runs: the ATen calls the model makes on its example inputs (below autograd, so
+every form of a layer, module or functional or traced or exported, counts the same), with views left out.
+A conv is ``aten.convolution``, a BatchNorm any batch-norm kernel, a Linear a matrix product whose operand is
+one of the model's own tensors. ``count_model`` counts calls in the model's FX graph (recursing into fused
+regions), else its modules, without running it.
+"""
 from __future__ import annotations
 
 from collections import Counter
@@ -7,13 +14,68 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from reparam.core.report import Counts
-from reparam.frontends.fx.capture import has_hooks, trace
+from reparam.frontends.fx.capture import eval_mode, has_hooks, structure_copy, trace
 from reparam.frontends.fx.dropin import installed_graph
 
+_ATEN_CONVS = {"convolution", "_convolution", "mkldnn_convolution", "conv_depthwise2d", "slow_conv2d_forward"}
+_ATEN_MATMULS = {"mm", "addmm", "bmm", "baddbmm", "matmul"}
+_FREE = {"detach", "lift_fresh", "_to_copy", "empty", "empty_like", "zeros", "ones", "full", "scalar_tensor"}
+
+
+class _AtenCounter(TorchDispatchMode):
+    """Counts the ATen calls made while active (views and allocations left out)."""
+
+    def __init__(self, own: set[int]):
+        super().__init__()
+        self.own = own
+        self.counts = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        is_view = any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns)
+        if not is_view and name not in _FREE:
+            self.counts["ops"] += 1
+            if name in _ATEN_CONVS:
+                self.counts["convs"] += 1
+            elif "batch_norm" in name:
+                self.counts["bns"] += 1
+            elif name in _ATEN_MATMULS and any(isinstance(a, torch.Tensor) and _storage(a) in self.own
+                                               for a in args):
+                self.counts["linears"] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _storage(t: torch.Tensor) -> int:
+    try:
+        return t.untyped_storage().data_ptr()
+    except Exception:  # noqa: BLE001 - a tensor without storage (fake, sparse)
+        return -1
+
+
+def count_run(model: nn.Module, inputs: tuple | None) -> Counts:
+    """What ``model`` executes on ``inputs`` (in eval mode, on a structure copy: the model is left as it was),
+    counted at ATen level; the FX-graph count when there are no inputs or the model does not run."""
+    if inputs is None:
+        return count_model(model)
+    work = structure_copy(model)
+    own = {_storage(t) for t in [*work.parameters(), *work.buffers()]} - {-1, 0}
+    counter = _AtenCounter(own)
+    try:
+        with eval_mode(work), torch.no_grad(), counter:
+            work(*inputs)
+    except Exception:  # noqa: BLE001 - a model that does not run here is counted from its graph
+        return count_model(model)
+    c = counter.counts
+    runs = installed_graph(model)  # a drop-in model's parameters in use: those of the graph its forward runs
+    return Counts(c["ops"], c["convs"], c["bns"], c["linears"], count_params(model if runs is None else runs))
+
+
 _CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-_CONV_FUNCS = {F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d}
+_CONV_FUNCS = {F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d, F.conv_transpose1d,
+               F.conv_transpose2d, F.conv_transpose3d}
 _BN_FUNCS = {F.batch_norm, torch.batch_norm}
 _LINEAR_FUNCS = {F.linear}
 
@@ -57,26 +119,3 @@ def count_model(model: nn.Module) -> Counts:
             c["linears"] += 1
     return Counts(c["ops"], c["convs"], c["bns"], c["linears"], count_params(model))
 
-
-def count_run(model: nn.Module, inputs: tuple) -> Counter:
-    """The convolutions and batch norms ``model`` runs on ``inputs`` (ATen calls seen by a dispatch mode,
-    so a module called twice counts twice and functional calls count too): {'convs', 'bns', 'matmuls'}
-    (matrix products: Linear layers and attention's)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    seen = Counter(convs=0, bns=0, matmuls=0)
-
-    class Counting(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            name = func.overloadpacket.__name__
-            if "convolution" in name and "backward" not in name:
-                seen["convs"] += 1
-            elif "batch_norm" in name and "backward" not in name and "stats" not in name:
-                seen["bns"] += 1
-            elif name in ("addmm", "mm", "bmm", "linear", "baddbmm"):
-                seen["matmuls"] += 1
-            return func(*args, **(kwargs or {}))
-
-    with torch.no_grad(), Counting():
-        model(*inputs)
-    return seen

@@ -3,7 +3,9 @@
 Unchanged nodes are copied from the source graph (same modules, same targets); new ops become fresh
 modules (nn.Conv*, nn.Linear) or plain calls, with tensors cast once to the dtype and device recorded
 on the op. New modules are named after the module path they replace, so the deploy model reads like
-the training model.
+the training model. How a new op is written is its op kind's FX emitter (:mod:`reparam.core.vocabulary`);
+:class:`FxExporter` is the emitter's ``ctx``: ``call`` (a call_function node), ``module`` (a new submodule and
+its call), ``attr`` (a new constant), ``cast`` (a float64 tensor to the op's deploy dtype and device).
 """
 from __future__ import annotations
 
@@ -17,15 +19,22 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from reparam.core import vocabulary as vocab
+from reparam.core.checks import check_shapes, random_input
+from reparam.errors import ExportError
 from reparam.frontends.fx.nodes import FxOrigin
 from reparam.core.ir import Graph, Node
-from reparam.core.ops import (Affine, AvgPool, Cat, Conv, Flatten, Identity, Input, Linear, Mean, Op, Pad, Slice, Sum, symmetric)
+from reparam.core.ops import (Affine, AvgPool, Cat, Conv, Flatten, Identity, Input, Linear, Mean, Op, Pad, Permute,
+                              Slice, Sum, symmetric)
 
 
 def _cast(t: torch.Tensor | None, op: Op) -> torch.Tensor | None:
     if t is None:
         return None
     return t.to(device=op.device or "cpu", dtype=op.dtype or torch.float32)
+
+
+_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}  # of the self-check, by deploy dtype (else 1e-2)
 
 
 def _in_dtype(op: Op, dtype: torch.dtype | None) -> Op:
@@ -86,9 +95,12 @@ class _Namer:
                 return c
 
 
-class _Exporter:
-    def __init__(self, g: Graph, source: fx.GraphModule, dtype: torch.dtype | None, copy_modules: bool):
-        self.g, self.source, self.dtype = g, source, dtype
+class FxExporter:
+    """The writer of an FX graph; an emitter's ``ctx``."""
+
+    def __init__(self, g: Graph, source: fx.GraphModule, dtype: torch.dtype | None, copy_modules: bool,
+                 self_check: bool = True):
+        self.g, self.source, self.dtype, self.self_check = g, source, dtype, self_check
         self.memo: dict | None = {} if copy_modules else None  # one memo: tied modules stay tied
         self.out = fx.Graph()
         self.attrs: dict[str, Any] = {}
@@ -156,7 +168,57 @@ class _Exporter:
             if o.node.op == "get_attr":
                 self.copied[o.node] = new
             return new
-        return self.emit_new(n, [self.env[i.id] for i in n.inputs])
+        xs = [self.env[i.id] for i in n.inputs]
+        last = next(iter(reversed(self.out.nodes)), None)
+        y = self.emit_new(n, xs)
+        if self.self_check:
+            self.check_emitted(n, xs, y, last)
+        return y
+
+    def check_emitted(self, n: Node, xs: list[fx.Node], y: fx.Node, last: fx.Node | None) -> None:
+        """Run the nodes just written for the new op ``n`` on random inputs against ``n.op.evaluate`` (float64);
+        raise ExportError when they differ. Skipped when the input shapes are unknown."""
+        new = []
+        for node in reversed(self.out.nodes):
+            if node is last:
+                break
+            new.append(node)
+        new.reverse()
+        shapes = check_shapes(n.inputs, [n.op])
+        if not new or shapes is None:
+            return
+        g, mapping = fx.Graph(), {}
+        for k, x in enumerate(xs):
+            if x not in mapping:
+                mapping[x] = g.placeholder(f"x{k}")
+        try:
+            for node in new:
+                mapping[node] = g.node_copy(node, lambda a: mapping[a])
+        except KeyError:  # the emitter read a value that is not an input of the op: nothing to check alone
+            return
+        g.output(mapping[y])
+        root = {node.target: self.attrs[node.target] for node in new if node.op in ("call_module", "get_attr")}
+        probe = fx.GraphModule(root, g)
+        op = _in_dtype(n.op, self.dtype)
+        dtype = op.dtype or (n.dtype if n.dtype is not None and n.dtype.is_floating_point else torch.float32)
+        gen = torch.Generator().manual_seed(0)
+        inputs = [random_input(s, gen) for s in shapes]
+        detail = None
+        with torch.no_grad():
+            want = n.op.evaluate(*inputs)
+            try:
+                got = probe(*[x.to(device=op.device or "cpu", dtype=dtype) for x in inputs])
+            except Exception as err:
+                detail = f"they fail to run: {type(err).__name__}: {err}"
+            else:
+                if not isinstance(got, torch.Tensor) or tuple(got.shape) != tuple(want.shape):
+                    detail = f"output shape {tuple(getattr(got, 'shape', ()))} instead of {tuple(want.shape)}"
+                else:
+                    err = float((got.to("cpu", torch.float64) - want).abs().max() / want.abs().max().clamp_min(1e-30))
+                    if not err <= _TOLERANCE.get(dtype, 1e-2):
+                        detail = f"relative error {err:.3g} on random inputs"
+        if detail is not None:
+            raise ExportError("FX", repr(n.op), n.name, detail)
 
     def emit_split_item(self, n: Node) -> fx.Node:
         getitem = n.origin.node
@@ -172,61 +234,121 @@ class _Exporter:
         self.attrs[target] = value
         return self.out.get_attr(target)
 
+    def call(self, fn, args: tuple, kwargs: dict | None = None) -> fx.Node:
+        """A new ``call_function`` node."""
+        return self.out.call_function(fn, args, kwargs or {})
+
+    def module(self, wanted: str, module: nn.Module, args: tuple) -> fx.Node:
+        """A new submodule, named after ``wanted`` (made unique), and a call of it on ``args``."""
+        target = self.name(wanted)
+        self.attrs[target] = module
+        return self.out.call_module(target, args)
+
+    cast = staticmethod(_cast)
+
     def emit_new(self, n: Node, xs: list[fx.Node]) -> fx.Node:
-        op, call = _in_dtype(n.op, self.dtype), self.out.call_function
+        op = _in_dtype(n.op, self.dtype)
         if op.dtype is None and n.dtype is not None and n.dtype.is_floating_point:
             op = op.with_(dtype=n.dtype)  # a new op built without a dtype (e.g. from a pool) takes its node's
-        if isinstance(op, Conv):
-            x = xs[0]
-            if not symmetric(op.padding):  # nn.Conv pads symmetrically: pad explicitly, conv unpadded
-                mode = "constant" if op.padding_mode == "zeros" else op.padding_mode
-                x = call(F.pad, (x, [p for lo, hi in reversed(op.padding) for p in (lo, hi)]), {"mode": mode})
-                op = op.with_(padding_mode="zeros")
-            target = self.name(n.name)
-            self.attrs[target] = conv_module(op)
-            return self.out.call_module(target, (x,))
-        if isinstance(op, Linear):
-            target = self.name(n.name)
-            self.attrs[target] = linear_module(op)
-            return self.out.call_module(target, (xs[0],))
-        if isinstance(op, Affine):
-            rank = n.rank or (op.axis + 1 if op.axis is not None else 0)
-            y = call(operator.mul, (xs[0], self.attr(n.name, _cast(op.broadcast(op.scale, rank), op), "_scale")))
-            if op.shift is not None:
-                y = call(operator.add, (y, self.attr(n.name, _cast(op.broadcast(op.shift, rank), op), "_shift")))
-            return y
-        if isinstance(op, Sum):
-            y = xs[0] if op.coeffs[0] == 1 else call(operator.mul, (xs[0], op.coeffs[0]))
-            for c, x in zip(op.coeffs[1:], xs[1:]):
-                if c == 1:
-                    y = call(operator.add, (y, x))
-                elif c == -1:
-                    y = call(operator.sub, (y, x))
-                else:
-                    y = call(torch.add, (y, x), {"alpha": c})
-            return y
-        if isinstance(op, Pad):
-            return call(F.pad, (xs[0], [p for lo, hi in reversed(op.pads) for p in (lo, hi)]))
-        if isinstance(op, AvgPool):
-            fn = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[len(op.kernel_size) - 1]
-            return call(fn, (xs[0], op.kernel_size, op.stride, op.padding, op.ceil_mode, op.count_include_pad))
-        if isinstance(op, Cat):
-            return call(torch.cat, (list(xs), op.dim))
-        if isinstance(op, Slice):
-            return call(torch.narrow, (xs[0], op.dim, op.start, op.stop - op.start))
-        if isinstance(op, Mean):
-            return call(torch.mean, (xs[0], op.dims), {"keepdim": op.keepdim})
-        if isinstance(op, Flatten):
-            return call(torch.flatten, (xs[0], op.start_dim, op.end_dim))
-        if isinstance(op, Identity):
-            return xs[0]
-        raise TypeError(f"cannot write back a new {op!r} at '{n.name}'")
+        emitter = vocab.by_class(vocab.FX_EMITTERS, type(op))
+        if emitter is None:
+            raise TypeError(f"cannot write back a new {op!r} at '{n.name}': its op kind has no FX emitter "
+                            f"(register one with reparam.core.vocabulary.fx_emitter)")
+        return emitter(self, n, op, xs)
+
+
+# --- the built-in emitters, registered like any other ---------------------------------------------------------
+@vocab.fx_emitter(Conv)
+def _emit_conv(ctx: FxExporter, n: Node, op: Conv, xs):
+    x = xs[0]
+    if not symmetric(op.padding):  # nn.Conv pads symmetrically: pad explicitly, conv unpadded
+        mode = "constant" if op.padding_mode == "zeros" else op.padding_mode
+        x = ctx.call(F.pad, (x, [p for lo, hi in reversed(op.padding) for p in (lo, hi)]), {"mode": mode})
+        op = op.with_(padding_mode="zeros")
+    return ctx.module(n.name, conv_module(op), (x,))
+
+
+@vocab.fx_emitter(Linear)
+def _emit_linear(ctx: FxExporter, n: Node, op: Linear, xs):
+    return ctx.module(n.name, linear_module(op), (xs[0],))
+
+
+@vocab.fx_emitter(Affine)
+def _emit_affine(ctx: FxExporter, n: Node, op: Affine, xs):
+    rank = n.rank or (op.axis + 1 if op.axis is not None else 0)
+    y = ctx.call(operator.mul, (xs[0], ctx.attr(n.name, _cast(op.broadcast(op.scale, rank), op), "_scale")))
+    if op.shift is not None:
+        y = ctx.call(operator.add, (y, ctx.attr(n.name, _cast(op.broadcast(op.shift, rank), op), "_shift")))
+    return y
+
+
+@vocab.fx_emitter(Sum)
+def _emit_sum(ctx: FxExporter, n: Node, op: Sum, xs):
+    y = xs[0] if op.coeffs[0] == 1 else ctx.call(operator.mul, (xs[0], op.coeffs[0]))
+    for c, x in zip(op.coeffs[1:], xs[1:]):
+        if c == 1:
+            y = ctx.call(operator.add, (y, x))
+        elif c == -1:
+            y = ctx.call(operator.sub, (y, x))
+        else:
+            y = ctx.call(torch.add, (y, x), {"alpha": c})
+    return y
+
+
+@vocab.fx_emitter(Pad)
+def _emit_pad(ctx: FxExporter, n: Node, op: Pad, xs):
+    return ctx.call(F.pad, (xs[0], [p for lo, hi in reversed(op.pads) for p in (lo, hi)]))
+
+
+@vocab.fx_emitter(AvgPool)
+def _emit_avg_pool(ctx: FxExporter, n: Node, op: AvgPool, xs):
+    nd = len(op.kernel_size)
+    fn = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[nd - 1]
+    args = (xs[0], op.kernel_size, op.stride, op.padding, op.ceil_mode, op.count_include_pad)
+    if op.divisor_override is not None:
+        if nd == 1:
+            raise TypeError(f"cannot write back a new {op!r} at '{n.name}': avg_pool1d has no divisor_override")
+        return ctx.call(fn, args + (op.divisor_override,))
+    return ctx.call(fn, args)
+
+
+@vocab.fx_emitter(Cat)
+def _emit_cat(ctx: FxExporter, n: Node, op: Cat, xs):
+    return ctx.call(torch.cat, (list(xs), op.dim))
+
+
+@vocab.fx_emitter(Slice)
+def _emit_slice(ctx: FxExporter, n: Node, op: Slice, xs):
+    return ctx.call(torch.narrow, (xs[0], op.dim, op.start, op.stop - op.start))
+
+
+@vocab.fx_emitter(Mean)
+def _emit_mean(ctx: FxExporter, n: Node, op: Mean, xs):
+    return ctx.call(torch.mean, (xs[0], op.dims), {"keepdim": op.keepdim})
+
+
+@vocab.fx_emitter(Flatten)
+def _emit_flatten(ctx: FxExporter, n: Node, op: Flatten, xs):
+    return ctx.call(torch.flatten, (xs[0], op.start_dim, op.end_dim))
+
+
+@vocab.fx_emitter(Identity)
+def _emit_identity(ctx: FxExporter, n: Node, op: Identity, xs):
+    return xs[0]
 
 
 def export_fx(g: Graph, source: fx.GraphModule, dtype: torch.dtype | None = None,
-              copy_modules: bool = False) -> fx.GraphModule:
+              copy_modules: bool = False, self_check: bool = True) -> fx.GraphModule:
     """A GraphModule computing ``g``; unchanged parts are ``source``'s own modules (or copies of them).
 
-    New tensors take the dtype recorded on each op, or ``dtype`` when given (float64 for verification).
+    New tensors take the dtype recorded on each op, or ``dtype`` when given (float64 for verification). With
+    ``self_check`` the nodes written for each new op are run on small random inputs against the op's own
+    ``evaluate`` (float64), so an emitter bug raises :class:`reparam.errors.ExportError` naming the op and the
+    exporter, instead of failing the end-to-end verification as if a rule were wrong.
     """
-    return _Exporter(g, source, dtype, copy_modules).run()
+    return FxExporter(g, source, dtype, copy_modules, self_check).run()
+
+
+@vocab.fx_emitter(Permute)
+def _emit_permute(ctx: FxExporter, n: Node, op: Permute, xs):
+    return ctx.call(torch.permute, (xs[0], op.dims))

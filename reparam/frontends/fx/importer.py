@@ -4,14 +4,16 @@ Recognized: nn.Conv1d/2d/3d, nn.BatchNorm1d/2d/3d (eval, running statistics), nn
 nn.Dropout*, nn.AvgPool*, nn.AdaptiveAvgPool(1), nn.Flatten, F.conv*/F.linear on constant weights,
 F.batch_norm on constant buffers (training=False), constant-zero F.pad, +, −, neg, * and / by a scalar
 or a per-axis constant, torch.cat, chunk/split (through their getitems), mean, flatten, dropout(eval).
-Other call targets are recognized by the handlers registered in ``FUNCTIONS`` and ``SPLITS`` (the ATen front end
-registers torch.export's overloads there).
+Every recognizer, built-in or a user's, sits in the registries of :mod:`reparam.core.vocabulary` (by module
+class, function target, method name; the ATen front end registers torch.export's overloads the same way);
+:class:`FxImporter` is what a recognizer gets as ``ctx``: ``const``, ``dtype_of``, ``shape``, ``note``,
+``function`` (recognize a call as another target would be), ``arithmetic``.
 """
 from __future__ import annotations
 
 import numbers
 import operator
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -19,18 +21,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from reparam.math import kernels
+from reparam.core import vocabulary as vocab
+import reparam.rules  # noqa: F401  (the built-in op kinds beyond the core vocabulary register themselves)
 from reparam.frontends.fx.capture import has_hooks
 from reparam.core.ir import Graph, Node
-from reparam.core.ops import (Affine, AvgPool, Cat, Conv, Flatten, Identity, Input, Linear, Mean, Opaque, Pad, Slice, Sum, f64)
+from reparam.core.ops import (Affine, AvgPool, Cat, Conv, Flatten, Identity, Input, Linear, Mean, Opaque, Pad, Permute,
+                              Slice, Sum, f64)
 from reparam.frontends.fx.nodes import FxOrigin, fx_dtype, fx_shape, scoped_name
 from reparam.frontends.fx.shapes import same_forward
-
-
-# Recognizers of call_function targets beyond the built-in torch ones: target -> handler(importer, node, args,
-# kwargs) returning (op, data inputs) or None; and of chunk/split targets: target -> sizes(importer, node)
-# returning (x, dim, sizes) or None (their getitems become Slices).
-FUNCTIONS: dict[Any, Callable] = {}
-SPLITS: dict[Any, Callable] = {}
 
 
 def _tuple(v, n):
@@ -59,7 +57,9 @@ def _bn_affine(mean, var, weight, bias, eps, like: torch.Tensor) -> Affine:
     return Affine(s, t, 1, dtype=like.dtype, device=like.device)
 
 
-class _Importer:
+class FxImporter:
+    """The walk over an FX graph; a recognizer's ``ctx``."""
+
     def __init__(self, gm: fx.GraphModule):
         self.gm = gm
         self.modules = dict(gm.named_modules())
@@ -67,6 +67,7 @@ class _Importer:
         self.env: dict[fx.Node, Node] = {}
         self.consts: dict[fx.Node, Any] = {}
         self.const_dtypes: dict[fx.Node, torch.dtype] = {}  # a folded float constant's dtype in the model
+        self.native: dict[fx.Node, Any] = {}  # a folded float constant as the model computes it
         self.notes: list[str] = []
 
     # --- constants -------------------------------------------------------------------------
@@ -77,6 +78,14 @@ class _Importer:
         if isinstance(a, numbers.Number) and not isinstance(a, bool):
             return a
         return None
+
+    def shape(self, a) -> tuple[int, ...] | None:
+        """The traced shape of a node argument (None when unknown)."""
+        return fx_shape(a) if isinstance(a, fx.Node) else None
+
+    def note(self, message: str) -> None:
+        """A note for the report on why something was left as is."""
+        self.notes.append(message)
 
     def dtype_of(self, a) -> torch.dtype | None:
         """The dtype the model computes a constant argument in (a folded constant is held in float64)."""
@@ -89,12 +98,13 @@ class _Importer:
         """The value of ``n`` if it is computed from constants only. A floating-point result computed from
         floating-point tensors is recomputed from their float64 values (what the float64 reference of the
         model computes), and the dtype the model computes it in is kept aside (``dtype_of``)."""
-        value = self._run_on_constants(n, lambda v: v)
+        value = self._run_on_constants(n, lambda a: self.native.get(a, self.consts[a]))
         if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != torch.float64 \
                 and n.op != "get_attr":
-            exact = self._run_on_constants(n, _to_float64)
+            exact = self._run_on_constants(n, lambda a: _to_float64(self.consts[a]))
             if isinstance(exact, torch.Tensor) and exact.shape == value.shape and exact.dtype == torch.float64:
                 self.const_dtypes[n] = value.dtype
+                self.native[n] = value  # what the model computes: later constants derive their dtype from it
                 return exact
         return value
 
@@ -110,8 +120,8 @@ class _Importer:
             return None
         if n.op == "call_method" and n.target.endswith("_"):
             return None
-        args = fx.map_arg(n.args, lambda x: convert(self.consts[x]))
-        kwargs = fx.map_arg(n.kwargs, lambda x: convert(self.consts[x]))
+        args = fx.map_arg(n.args, convert)
+        kwargs = fx.map_arg(n.kwargs, convert)
         try:
             with torch.no_grad():
                 if n.op == "call_function":
@@ -162,7 +172,8 @@ class _Importer:
             elif n.op == "call_function":
                 found = self.function(n, n.target, n.args, n.kwargs)
             elif n.op == "call_method":
-                found = self.method(n)
+                handler = vocab.FX_METHODS.get(n.target)
+                found = handler(self, n, n.args, n.kwargs) if handler is not None else None
         except (TypeError, ValueError, IndexError, AttributeError, KeyError):
             found = None
         if found is None:
@@ -170,114 +181,20 @@ class _Importer:
         op, data = found
         return self._node(op, n, data, name=n.target if n.op == "call_module" else None)
 
-    # --- modules ---------------------------------------------------------------------------
     def module(self, n: fx.Node):
         m = self.modules[n.target]
-        x = n.args[0] if n.args else None
-        if len(n.args) != 1 or n.kwargs or not isinstance(x, fx.Node):
+        handler = vocab.by_class(vocab.FX_MODULES, type(m))
+        if handler is None:
             return None
         if has_hooks(m):
-            self.notes.append(f"'{n.target}': the module has forward hooks, which fusing would drop; left as is")
+            self.note(f"'{n.target}': the module has forward hooks, which fusing would drop; left as is")
             return None
-        for base in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
-            if same_forward(m, base):
-                return conv_op(m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups, m.padding_mode), [x]
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and type(m).forward is type(m).__mro__[1].forward \
-                or type(m) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm):
-            if m.training or m.running_mean is None or not m.track_running_stats:
-                self.notes.append(f"'{n.target}': BatchNorm without running statistics (or in training mode) "
-                                  f"is not affine; left as is")
-                return None
-            return _bn_affine(m.running_mean, m.running_var, m.weight, m.bias, m.eps, m.running_mean), [x]
-        if same_forward(m, nn.Linear):
-            return Linear(f64(m.weight), f64(m.bias), dtype=m.weight.dtype, device=m.weight.device), [x]
-        if type(m) is nn.Identity or (isinstance(m, nn.modules.dropout._DropoutNd) and not m.training):
-            return Identity(), [x]
-        for nd, base in enumerate((nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d), 1):
-            if type(m) is base:
-                return AvgPool(_tuple(m.kernel_size, nd), _tuple(m.stride or m.kernel_size, nd),
-                               _tuple(m.padding, nd), m.ceil_mode, m.count_include_pad,
-                               getattr(m, "divisor_override", None)), [x]
-        if type(m) in (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d):
-            nd = {nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3}[type(m)]
-            if all(o == 1 for o in _tuple(m.output_size, nd)):
-                return Mean(tuple(range(2, 2 + nd)), keepdim=True), [x]
-        if type(m) is nn.Flatten:
-            return Flatten(m.start_dim, m.end_dim), [x]
-        return None
+        return handler(self, n, m)
 
-    # --- functions and methods ---------------------------------------------------------------
     def function(self, n: fx.Node, f, args, kwargs):
-        handler = FUNCTIONS.get(f)
-        if handler is not None:  # a registered target (torch.export's ATen overloads)
-            return handler(self, n, args, kwargs)
-        if f in (F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d):
-            names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-            a = dict(zip(names, args), **kwargs)
-            w, b = self.const(a["weight"]), self.const(a.get("bias"))
-            if w is None or (a.get("bias") is not None and b is None):
-                return None
-            op = conv_op(w, b, a.get("stride", 1), a.get("padding", 0), a.get("dilation", 1), a.get("groups", 1))
-            return (None if op is None else op.with_(dtype=self.dtype_of(a["weight"]))), [a["input"]]
-        if f in (F.linear, torch._C._nn.linear):
-            a = dict(zip(("input", "weight", "bias"), args), **kwargs)
-            w, b = self.const(a["weight"]), self.const(a.get("bias"))
-            if w is None or (a.get("bias") is not None and b is None):
-                return None
-            return Linear(f64(w), f64(b), dtype=self.dtype_of(a["weight"]), device=w.device), [a["input"]]
-        if f in (F.batch_norm, torch.batch_norm):
-            names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
-            a = dict(zip(names, args), **kwargs)
-            rm, rv = self.const(a["running_mean"]), self.const(a["running_var"])
-            if rm is None or rv is None or a.get("training", False) is not False:
-                return None
-            w, b = self.const(a.get("weight")), self.const(a.get("bias"))
-            if (a.get("weight") is not None and w is None) or (a.get("bias") is not None and b is None):
-                return None
-            return _bn_affine(rm, rv, w, b, a.get("eps", 1e-5), rm).with_(dtype=self.dtype_of(a["running_mean"])), \
-                [a["input"]]
-        if f is F.pad or f is torch._C._nn.pad:
-            a = dict(zip(("input", "pad", "mode", "value"), args), **kwargs)
-            if a.get("mode", "constant") != "constant" or (a.get("value") or 0) != 0:
-                return None
-            p = list(a["pad"])
-            pairs = tuple((p[i], p[i + 1]) for i in range(0, len(p), 2))[::-1]
-            if any(lo < 0 or hi < 0 for lo, hi in pairs):
-                return None
-            return Pad(pairs), [a["input"]]
-        if f in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout):
-            a = dict(zip(("input", "p", "training"), args), **kwargs)
-            return (Identity(), [a["input"]]) if a.get("training", True) is False else None
-        if f in (torch.cat, torch.concat, torch.concatenate):
-            tensors = args[0] if args else kwargs["tensors"]
-            dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
-            if not all(isinstance(t, fx.Node) and self.const(t) is None for t in tensors):
-                return None
-            return Cat(dim), list(tensors)
-        if f is operator.getitem:
-            return self.getitem(n)
-        if f in (torch.flatten,):
-            a = dict(zip(("input", "start_dim", "end_dim"), args), **kwargs)
-            return Flatten(a.get("start_dim", 0), a.get("end_dim", -1)), [a["input"]]
-        if f in (torch.mean,):
-            return self.mean(args, kwargs)
-        if f in (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d):
-            x, size = args[0], args[1] if len(args) > 1 else kwargs["output_size"]
-            shape = fx_shape(x)
-            if shape is None or any(s != 1 for s in _tuple(size, len(shape) - 2)):
-                return None
-            return Mean(tuple(range(2, len(shape))), keepdim=True), [x]
-        return self.arithmetic(n, f, args, kwargs)
-
-    def method(self, n: fx.Node):
-        name, args, kwargs = n.target, n.args, n.kwargs
-        table = {"add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div, "neg": torch.neg,
-                 "flatten": torch.flatten, "mean": torch.mean}
-        if name in ("contiguous",) and len(args) == 1:
-            return Identity(), [args[0]]
-        if name in table:
-            return self.function(n, table[name], args, kwargs)
-        return None
+        """Recognize node ``n`` as a call of ``f`` on ``args``/``kwargs`` (a recognizer may delegate here)."""
+        handler = vocab.FX_FUNCTIONS.get(f)
+        return None if handler is None else handler(self, n, args, kwargs)
 
     def mean(self, args, kwargs):
         a = dict(zip(("input", "dim", "keepdim"), args), **kwargs)
@@ -290,7 +207,7 @@ class _Importer:
         src, index = n.args
         if not (isinstance(src, fx.Node) and isinstance(index, int)):
             return None
-        splitter = SPLITS.get(src.target) if src.op == "call_function" else None
+        splitter = vocab.FX_SPLITS.get(src.target) if src.op == "call_function" else None
         sizes = splitter(self, src) if splitter is not None else self.split_sizes(src)
         if sizes is None:
             return None
@@ -333,6 +250,9 @@ class _Importer:
         sub = (operator.sub, torch.sub, operator.isub)
         mul = (operator.mul, torch.mul, operator.imul)
         div = (operator.truediv, torch.div, torch.true_divide, operator.itruediv)
+        if "other" in kwargs or "input" in kwargs:  # torch.add(a, other=b), a.add(other=b)
+            kwargs = dict(kwargs)
+            args = tuple(args) + tuple(kwargs.pop(k) for k in ("input", "other")[len(args):] if k in kwargs)
         if f in (operator.neg, torch.neg):
             return Affine(torch.tensor(-1.0, dtype=torch.float64), None, None), [args[0]]
         if f not in add + sub + mul + div or len(args) != 2:
@@ -382,6 +302,240 @@ class _Importer:
         return None
 
 
+# --- the built-in recognizers, registered like any other ------------------------------------------------------
+def _only_input(n: fx.Node):
+    """The one data input of a module call taking exactly one positional tensor, else None."""
+    x = n.args[0] if n.args else None
+    return x if len(n.args) == 1 and not n.kwargs and isinstance(x, fx.Node) else None
+
+
+@vocab.fx_module(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+def _conv_module(ctx: FxImporter, n: fx.Node, m: nn.Module):
+    x = _only_input(n)
+    if x is None or not any(same_forward(m, base) for base in (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return None
+    return conv_op(m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups, m.padding_mode), [x]
+
+
+@vocab.fx_module(nn.modules.batchnorm._BatchNorm)
+def _bn_module(ctx: FxImporter, n: fx.Node, m: nn.Module):
+    x = _only_input(n)
+    if x is None or not (type(m).forward is type(m).__mro__[1].forward
+                         or type(m) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)):
+        return None
+    if m.training or m.running_mean is None or not m.track_running_stats:
+        ctx.note(f"'{n.target}': BatchNorm without running statistics (or in training mode) is not affine; left as is")
+        return None
+    return _bn_affine(m.running_mean, m.running_var, m.weight, m.bias, m.eps, m.running_mean), [x]
+
+
+@vocab.fx_module(nn.Linear)
+def _linear_module(ctx: FxImporter, n: fx.Node, m: nn.Module):
+    x = _only_input(n)
+    if x is None or not same_forward(m, nn.Linear):
+        return None
+    return Linear(f64(m.weight), f64(m.bias), dtype=m.weight.dtype, device=m.weight.device), [x]
+
+
+@vocab.fx_module(nn.Identity, nn.modules.dropout._DropoutNd)
+def _identity_module(ctx: FxImporter, n: fx.Node, m: nn.Module):
+    x = _only_input(n)
+    if x is None or not (type(m) is nn.Identity or (isinstance(m, nn.modules.dropout._DropoutNd) and not m.training)):
+        return None
+    return Identity(), [x]
+
+
+@vocab.fx_module(nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
+def _avg_pool_module(ctx: FxImporter, n: fx.Node, m: nn.Module):
+    x = _only_input(n)
+    nd = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}.get(type(m))
+    if x is None or nd is None:
+        return None
+    return AvgPool(_tuple(m.kernel_size, nd), _tuple(m.stride or m.kernel_size, nd), _tuple(m.padding, nd),
+                   m.ceil_mode, m.count_include_pad, getattr(m, "divisor_override", None)), [x]
+
+
+@vocab.fx_module(nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+def _adaptive_pool_module(ctx: FxImporter, n: fx.Node, m: nn.Module):
+    x = _only_input(n)
+    nd = {nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3}.get(type(m))
+    if x is None or nd is None or not all(o == 1 for o in _tuple(m.output_size, nd)):
+        return None
+    return Mean(tuple(range(2, 2 + nd)), keepdim=True), [x]
+
+
+@vocab.fx_module(nn.Flatten)
+def _flatten_module(ctx: FxImporter, n: fx.Node, m: nn.Module):
+    x = _only_input(n)
+    return (Flatten(m.start_dim, m.end_dim), [x]) if x is not None and type(m) is nn.Flatten else None
+
+
+@vocab.fx_function(F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d)
+def _conv_function(ctx: FxImporter, n, args, kwargs):
+    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    a = dict(zip(names, args), **kwargs)
+    w, b = ctx.const(a["weight"]), ctx.const(a.get("bias"))
+    if w is None or (a.get("bias") is not None and b is None):
+        return None
+    op = conv_op(w, b, a.get("stride", 1), a.get("padding", 0), a.get("dilation", 1), a.get("groups", 1))
+    return (None if op is None else op.with_(dtype=ctx.dtype_of(a["weight"]))), [a["input"]]
+
+
+@vocab.fx_function(F.linear)
+def _linear_function(ctx: FxImporter, n, args, kwargs):
+    a = dict(zip(("input", "weight", "bias"), args), **kwargs)
+    w, b = ctx.const(a["weight"]), ctx.const(a.get("bias"))
+    if w is None or (a.get("bias") is not None and b is None):
+        return None
+    return Linear(f64(w), f64(b), dtype=ctx.dtype_of(a["weight"]), device=w.device), [a["input"]]
+
+
+@vocab.fx_function(F.batch_norm, torch.batch_norm)
+def _bn_function(ctx: FxImporter, n, args, kwargs):
+    names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+    a = dict(zip(names, args), **kwargs)
+    rm, rv = ctx.const(a["running_mean"]), ctx.const(a["running_var"])
+    if rm is None or rv is None or a.get("training", False) is not False:
+        return None
+    w, b = ctx.const(a.get("weight")), ctx.const(a.get("bias"))
+    if (a.get("weight") is not None and w is None) or (a.get("bias") is not None and b is None):
+        return None
+    return _bn_affine(rm, rv, w, b, a.get("eps", 1e-5), rm).with_(dtype=ctx.dtype_of(a["running_mean"])), \
+        [a["input"]]
+
+
+@vocab.fx_function(F.pad)
+def _pad_function(ctx: FxImporter, n, args, kwargs):
+    a = dict(zip(("input", "pad", "mode", "value"), args), **kwargs)
+    if a.get("mode", "constant") != "constant" or (a.get("value") or 0) != 0:
+        return None
+    p = list(a["pad"])
+    pairs = tuple((p[i], p[i + 1]) for i in range(0, len(p), 2))[::-1]
+    if any(lo < 0 or hi < 0 for lo, hi in pairs):
+        return None
+    return Pad(pairs), [a["input"]]
+
+
+@vocab.fx_function(F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout)
+def _dropout_function(ctx: FxImporter, n, args, kwargs):
+    a = dict(zip(("input", "p", "training"), args), **kwargs)
+    return (Identity(), [a["input"]]) if a.get("training", True) is False else None
+
+
+@vocab.fx_function(torch.cat, torch.concat, torch.concatenate)
+def _cat_function(ctx: FxImporter, n, args, kwargs):
+    tensors = args[0] if args else kwargs["tensors"]
+    dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+    if not all(isinstance(t, fx.Node) and ctx.const(t) is None for t in tensors):
+        return None
+    return Cat(dim), list(tensors)
+
+
+@vocab.fx_function(operator.getitem)
+def _getitem_function(ctx: FxImporter, n, args, kwargs):
+    return ctx.getitem(n)
+
+
+@vocab.fx_function(torch.flatten)
+def _flatten_function(ctx: FxImporter, n, args, kwargs):
+    a = dict(zip(("input", "start_dim", "end_dim"), args), **kwargs)
+    return Flatten(a.get("start_dim", 0), a.get("end_dim", -1)), [a["input"]]
+
+
+@vocab.fx_function(torch.mean)
+def _mean_function(ctx: FxImporter, n, args, kwargs):
+    return ctx.mean(args, kwargs)
+
+
+@vocab.fx_function(F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)
+def _adaptive_pool_function(ctx: FxImporter, n, args, kwargs):
+    x, size = args[0], args[1] if len(args) > 1 else kwargs["output_size"]
+    shape = fx_shape(x)
+    if shape is None or any(s != 1 for s in _tuple(size, len(shape) - 2)):
+        return None
+    return Mean(tuple(range(2, len(shape))), keepdim=True), [x]
+
+
+_ARITHMETIC = (operator.add, torch.add, operator.iadd, operator.sub, torch.sub, operator.isub, operator.mul, torch.mul,
+               operator.imul, operator.truediv, torch.div, torch.true_divide, operator.itruediv, operator.neg, torch.neg)
+
+
+def _arithmetic(f):
+    def recognize(ctx: FxImporter, n, args, kwargs):
+        return ctx.arithmetic(n, f, args, kwargs)
+    return recognize
+
+
+for _f in _ARITHMETIC:
+    vocab.fx_function(_f, fn=_arithmetic(_f))
+
+_METHODS = {"add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div, "neg": torch.neg,
+            "flatten": torch.flatten, "mean": torch.mean}
+
+
+@vocab.fx_method(*_METHODS)
+def _tensor_method(ctx: FxImporter, n, args, kwargs):
+    """``x.add(y)`` and friends: recognized as the torch function of the same name."""
+    return ctx.function(n, _METHODS[n.target], args, kwargs)
+
+
+@vocab.fx_method(*(name + "_" for name in _METHODS if name not in ("flatten", "mean")))
+def _in_place_method(ctx: FxImporter, n, args, kwargs):
+    """``x.add_(y)`` and friends on a tensor nothing else reads: the same as ``x.add(y)`` (nothing can observe the
+    old value)."""
+    if not (args and isinstance(args[0], fx.Node) and len(args[0].users) == 1):
+        return None
+    return ctx.function(n, _METHODS[n.target[:-1]], args, kwargs)
+
+
+_AVG_POOLS = {F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3}
+
+
+@vocab.fx_function(*_AVG_POOLS)
+def _avg_pool_function(ctx: FxImporter, n, args, kwargs):
+    nd = _AVG_POOLS[n.target]
+    names = ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
+    a = dict(zip(names, args), **kwargs)
+    k = _tuple(a["kernel_size"], nd)
+    stride = a.get("stride")
+    return AvgPool(k, _tuple(stride, nd) if stride not in (None, [], ()) else k, _tuple(a.get("padding", 0), nd),
+                   bool(a.get("ceil_mode", False)), bool(a.get("count_include_pad", True)),
+                   a.get("divisor_override")), [a["input"]]
+
+
+def permute_op(x, rest, kwargs, kind: str):
+    """x.permute(*dims) / x.permute(dims) / x.transpose(d0, d1) as Permute (the rank from x's shape)."""
+    shape = fx_shape(x) if isinstance(x, fx.Node) else None
+    if shape is None or kwargs.get("memory_format") is not None:
+        return None
+    rank = len(shape)
+    if kind == "transpose":
+        d0, d1 = (list(rest) + [kwargs.get("dim0"), kwargs.get("dim1")][len(rest):])[:2]
+        dims = list(range(rank))
+        dims[d0 % rank], dims[d1 % rank] = dims[d1 % rank], dims[d0 % rank]
+    else:
+        dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest or kwargs.get("dims")
+        dims = [int(d) % rank for d in dims]
+    if sorted(dims) != list(range(rank)):
+        return None
+    return Permute(tuple(dims)), [x]
+
+
+@vocab.fx_function(torch.permute, torch.transpose)
+def _permute_function(ctx: FxImporter, n, args, kwargs):
+    return permute_op(args[0], args[1:], kwargs, n.target.__name__)
+
+
+@vocab.fx_method("permute", "transpose")
+def _permute_method(ctx: FxImporter, n, args, kwargs):
+    return permute_op(args[0], args[1:], kwargs, n.target)
+
+
+@vocab.fx_method("contiguous")
+def _contiguous_method(ctx: FxImporter, n, args, kwargs):
+    return (Identity(), [args[0]]) if len(args) == 1 and not kwargs else None
+
+
 def _to_float64(v):
     return v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
 
@@ -409,5 +563,5 @@ def _per_axis(c, shape: tuple[int, ...], n: fx.Node):
 
 def import_fx(gm: fx.GraphModule) -> tuple[Graph, list[str]]:
     """The IR of ``gm`` (whose nodes should carry shape metadata) and notes on what was not recognized."""
-    imp = _Importer(gm)
+    imp = FxImporter(gm)
     return imp.run(), imp.notes

@@ -15,7 +15,7 @@ from onnx import numpy_helper
 
 from reparam.errors import ReparamError
 from reparam.core.ir import Graph, Node
-from reparam.frontends.onnx.importer import OnnxOrigin, _array
+from reparam.frontends.onnx.importer import OnnxOrigin, _array, node_proto, node_reference
 from reparam.core.ops import Input, Opaque
 
 
@@ -65,9 +65,6 @@ class _Evaluator:
         return n.op.evaluate(*xs)
 
     def opaque(self, n: Node):
-        from onnx.reference import ReferenceEvaluator
-        from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
-
         o: OnnxOrigin = n.origin
         if o is None or o.node is None or o.node.domain not in ("", "ai.onnx", None):
             raise ReparamError(f"'{n.name}' ({n.op.what}) has no float64 reference")
@@ -99,8 +96,8 @@ class _Evaluator:
             else:
                 cache = self.g.meta.setdefault("onnx_reference", {})
                 if id(o.node) not in cache:
-                    cache[id(o.node)] = ReferenceEvaluator(OnnxExporter.export_node(o.node), opsets={"": self.opset})
-                self.runs[key] = cache[id(o.node)].run(None, feeds)
+                    cache[id(o.node)] = node_reference(node_proto(o.node, self.opset), self.opset)
+                self.runs[key] = cache[id(o.node)](feeds)
         out = np.asarray(self.runs[key][o.index])
         return torch.from_numpy(out) if out.dtype.kind in "fiub" else out
 

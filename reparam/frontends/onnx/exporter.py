@@ -1,7 +1,12 @@
 """IR → ONNX: write the rewritten graph back through onnx-graphsurgeon.
 
-Unchanged nodes are re-emitted exactly as they were (same op, name, attributes, initializers), only
-their data inputs re-pointed; new ops become Conv/Gemm/MatMul/Mul/Add/Sub/Concat/Slice/Pad/
+Unchanged nodes are copied, never rebuilt: same op, name, domain, and their attributes taken from the
+original NodeProto byte for byte (so attributes onnx-graphsurgeon cannot re-encode, such as an empty ``axes``
+list, survive); only their inputs are re-pointed. A multi-output node is written once, however many of its
+outputs the graph reads (an omitted optional input included). Values the graph made constant (Constant
+nodes, shape arithmetic on static dims) are written as initializers, not nodes. IR versions below 4 require
+every initializer to be a graph input: there new tensors are written as Constant nodes instead, so the
+interface is unchanged.  new ops become Conv/Gemm/MatMul/Mul/Add/Sub/Concat/Slice/Pad/
 AveragePool/ReduceMean/Flatten nodes whose tensors live in NEW uniquely named initializers cast to
 the op's dtype (an existing initializer is never edited: several nodes may share it). Graph inputs,
 outputs (names, order, types), opset, IR version, producer, functions and metadata are the original's.
@@ -10,6 +15,10 @@ Control-flow nodes keep their original attributes (subgraphs included) byte for 
 outer tensors by name, so each such tensor is written under its original name before the node: a new op
 computing it takes the name, and a value that ended up under another name gets an Identity to it. A
 name already bound to a different value is refused (never a model whose subgraph reads the wrong tensor).
+
+How a new op is written is its op kind's ONNX emitter (:mod:`reparam.core.vocabulary`); :class:`OnnxExporter` is
+the emitter's ``ctx``: ``node`` (a new node), ``const`` / ``ints`` (new initializers), ``deploy_dtype``,
+``input_rank``, ``opset``.
 """
 from __future__ import annotations
 
@@ -18,21 +27,39 @@ import onnx
 import onnx_graphsurgeon as gs
 import torch
 
-from reparam.errors import ReparamError
+from reparam.core import vocabulary as vocab
+from reparam.core.checks import check_shapes, random_input
+from reparam.errors import ExportError, ReparamError
 from reparam.core.ir import Graph, Node
 from reparam.frontends.onnx.importer import OnnxOrigin, subgraph_names
-from reparam.core.ops import Affine, AvgPool, Cat, Conv, Flatten, Identity, Input, Linear, Mean, Pad, Slice, Sum
+from reparam.core.ops import (Affine, AvgPool, Cat, Conv, Flatten, Identity, Input, Linear, Mean, Opaque, Pad, Slice,
+                              Sum)
 
 _NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64}
+_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}  # of the self-check, by deploy dtype (else 1e-2)
+
+
+def _run(model: onnx.ModelProto, feeds: dict) -> list:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.intra_op_num_threads = opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)
 
 
 def _const_name_safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "._/:-" else "_" for c in name) or "fused"
 
 
-class _Exporter:
-    def __init__(self, g: Graph, model: onnx.ModelProto):
-        self.g, self.model = g, model
+class OnnxExporter:
+    """The writer of an ONNX graph; an emitter's ``ctx``."""
+
+    def __init__(self, g: Graph, model: onnx.ModelProto, self_check: bool = True):
+        self.g, self.model, self.self_check = g, model, self_check
+        self.probes: list[tuple[Node, list[gs.Tensor], gs.Tensor, list[gs.Node]]] = []
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
         graph = model.graph
         self.taken: set[str] = {i.name for i in graph.initializer} | {i.name for i in graph.input} | \
@@ -53,6 +80,16 @@ class _Exporter:
         self.outer_constants: set[str] = set()  # outer initializers some kept subgraph reads
         self.reserved: dict[str, int] = {}  # names claimed ahead for this IR node's value
         self.renamed: dict[tuple[int, str], gs.Variable] = {}  # (IR node, name): an Identity writing it
+        self.proto_of: dict[str, onnx.NodeProto] = {}  # first output name -> the original node, to copy
+        for proto in graph.node:
+            first = next((o for o in proto.output if o), None)
+            if first is not None:
+                self.proto_of[first] = proto
+        self.interface = {i.name for i in graph.input} | {o.name for o in graph.output}
+        for n in g.nodes:  # and what subgraphs read by name (onnx.checker wants those computed, not initializers)
+            if isinstance(n.origin, OnnxOrigin):
+                self.interface.update(n.origin.outer)
+        self.ir_version = model.ir_version
         for n in g.nodes:
             o = n.origin
             if isinstance(o, OnnxOrigin) and o.tensor:
@@ -127,6 +164,8 @@ class _Exporter:
                 self.nodes.append(gs.Node("Identity", self.fresh(f"{name}_identity"), inputs=[t], outputs=[out]))
                 t = out
             outputs.append(t)
+        if self.self_check:
+            self.check_emitted()
         return self.finish(inputs, outputs)
 
     def finish(self, inputs, outputs) -> onnx.ModelProto:
@@ -149,6 +188,12 @@ class _Exporter:
         inits += [i for i in exported.initializer if i.name not in have]
         value_info = [vi for vi in self.model.graph.value_info if vi.name in produced]
         del g.node[:], g.initializer[:], g.value_info[:]
+        if result.ir_version < 4:  # initializers must be graph inputs there: new tensors become Constant nodes
+            listed = {i.name for i in self.model.graph.input}
+            constants = [onnx.helper.make_node("Constant", [], [i.name], name=self.fresh(f"{i.name}_constant"),
+                                               value=i) for i in inits if i.name not in listed]
+            inits = [i for i in inits if i.name in listed]
+            g.node.extend(constants)
         g.node.extend(exported.node)
         g.initializer.extend(inits)
         g.value_info.extend(value_info)
@@ -158,12 +203,92 @@ class _Exporter:
         if n.id in self.tensors:
             return self.tensors[n.id]
         o = n.origin
-        if isinstance(o, OnnxOrigin):
+        if isinstance(o, OnnxOrigin) and self.foldable(n, o):
+            t = gs.Constant(o.tensor, np.asarray(self.known[o.tensor]))
+        elif isinstance(o, OnnxOrigin):
             t = self.emit_original(n, o)
         else:
-            t = self.emit_new(n, [self.emit(i) for i in n.inputs])
+            xs = [self.emit(i) for i in n.inputs]
+            before = len(self.nodes)
+            t = self.emit_new(n, xs)
+            if self.self_check and len(self.nodes) > before:
+                self.probes.append((n, xs, t, self.nodes[before:]))
         self.tensors[n.id] = t
         return t
+
+    def foldable(self, n: Node, o: OnnxOrigin) -> bool:
+        """A node whose value is known (folded on import) is written as an initializer under its own name:
+        not for interface tensors or names a subgraph reads, nor where initializers must be graph inputs (IR < 4)."""
+        if not (isinstance(n.op, Opaque) and n.op.value is not None and o.node is not None and o.tensor
+                and o.tensor in self.known and self.ir_version >= 4 and o.tensor not in self.interface):
+            return False
+        if o.tensor in self.claimed:
+            return False
+        self.claimed.add(o.tensor)
+        return True
+
+    def check_emitted(self) -> None:
+        """Run the nodes written for each new op (all in one onnxruntime session, each op on its own random
+        inputs) against the op's own ``evaluate`` (float64); raise ExportError for the first that differs."""
+        cases, nodes, inits, inputs, outputs = [], [], [], [], []
+        for k, (n, xs, y, emitted) in enumerate(self.probes):
+            shapes = check_shapes(n.inputs, [n.op])
+            dtype = self.deploy_dtype(n)
+            if shapes is None or dtype not in _NUMPY or any(not isinstance(x, gs.Variable) for x in xs):
+                continue
+            prefix = f"check{k}/"
+            part = gs.export_onnx(gs.Graph(nodes=emitted, opset=self.opset), do_type_check=False).graph
+            inside = {o for node in part.node for o in node.output} | {i.name for i in part.initializer}
+            names = [x.name for x in xs]
+            if any(i and i not in inside and i not in names for node in part.node for i in node.input):
+                continue  # the nodes read a value that is not an input of the op: nothing to check alone
+            for node in part.node:
+                node.name = prefix + node.name
+                node.input[:] = [prefix + i if i else i for i in node.input]
+                node.output[:] = [prefix + o if o else o for o in node.output]
+            for init in part.initializer:
+                init.name = prefix + init.name
+            nodes += part.node
+            inits += part.initializer
+            gen = torch.Generator().manual_seed(k)
+            values = [random_input(s, gen) for s in shapes]
+            elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(_NUMPY[dtype]))
+            feeds = {}
+            for name, s_, v in zip(names, shapes, values):
+                if prefix + name not in feeds:
+                    inputs.append(onnx.helper.make_tensor_value_info(prefix + name, elem, list(s_)))
+                    feeds[prefix + name] = v.numpy().astype(_NUMPY[dtype])
+            outputs.append(onnx.helper.make_tensor_value_info(prefix + y.name, elem, None))
+            cases.append((n, feeds, n.op.evaluate(*values), dtype))
+        if not cases:
+            return
+        graph = onnx.helper.make_graph(nodes, "self_check", inputs, outputs, inits)
+        model = onnx.helper.make_model(graph, opset_imports=list(self.model.opset_import), ir_version=self.model.ir_version)
+        feeds = {k: v for _, f, _, _ in cases for k, v in f.items()}
+        try:
+            got = _run(model, feeds)
+        except Exception as err:
+            for n, f, want, dtype in cases:  # which one: run them alone
+                self.probe_alone(model, n, f, err)
+            raise ExportError("ONNX", "op", "?", f"onnxruntime cannot run them: {err}") from err
+        for (n, _, want, dtype), y in zip(cases, got):
+            y = np.asarray(y, dtype=np.float64)
+            if y.shape != tuple(want.shape):
+                raise ExportError("ONNX", repr(n.op), n.name, f"output shape {y.shape} instead of {tuple(want.shape)}")
+            err = float(np.abs(y - want.numpy()).max() / max(float(want.abs().max()), 1e-30))
+            if not err <= _TOLERANCE.get(dtype, 1e-2):
+                raise ExportError("ONNX", repr(n.op), n.name, f"relative error {err:.3g} on random inputs")
+
+    def probe_alone(self, model: onnx.ModelProto, n: Node, feeds: dict, cause: Exception) -> None:
+        """Raise ExportError naming ``n`` if its part of the self-check model cannot run on its own."""
+        prefix = next(iter(feeds)).split("/")[0] + "/"
+        out = [o for o in model.graph.output if o.name.startswith(prefix)]
+        sub = onnx.utils.Extractor(model).extract_model([i.name for i in model.graph.input if i.name in feeds],
+                                                        [o.name for o in out])
+        try:
+            _run(sub, feeds)
+        except Exception as err:
+            raise ExportError("ONNX", repr(n.op), n.name, f"onnxruntime cannot run them: {err}") from err
 
     def original(self, name: str) -> gs.Tensor:
         """The tensor an unchanged node read by this name (a constant input that is not an IR input)."""
@@ -207,7 +332,7 @@ class _Exporter:
                 inputs.append(gs.Variable.empty())
             else:
                 inputs.append(mapping[t.name] if t.name in mapping else self.original(t.name))
-        key = (id(o.node), tuple(id(t) for t in inputs))
+        key = (id(o.node), tuple(t.name if t.name else "" for t in inputs))  # once per node and its inputs
         if key not in self.emitted:
             first = id(o.node) not in self.emitted_nodes
             self.emitted_nodes.add(id(o.node))
@@ -222,10 +347,13 @@ class _Exporter:
                     outs.append(gs.Variable(self.fresh(t.name)))
             name = o.node.name if first else self.fresh(o.node.name or o.node.op)
             attrs = dict(o.node.attrs)
-            proto = self.protos.get(id(o.node))
-            if proto is not None:  # its attributes are restored from the original after the export
-                attrs = {k: v for k, v in attrs.items() if not _holds_graph(v)}
+            first_out = next((t.name for t in o.node.outputs if t.name), None)
+            proto = self.protos.get(id(o.node)) or self.proto_of.get(first_out)
+            if proto is not None:  # copied: its attributes are restored from the original after the export
+                attrs = {}
                 self.restore[len(self.nodes)] = proto
+            elif any(_holds_graph(v) for v in attrs.values()):
+                raise ReparamError(f"internal error: the original of '{o.node.name}' was not found; please report it")
             self.nodes.append(gs.Node(o.node.op, name, attrs, inputs=inputs, outputs=outs, domain=o.node.domain))
             self.emitted[key] = outs
         return self.emitted[key][o.index]
@@ -235,78 +363,6 @@ class _Exporter:
         y = gs.Variable(out or self.fresh(f"{base}_{op}_output"))
         self.nodes.append(gs.Node(op, self.fresh(f"{base}_{op}"), attrs or {}, inputs=list(inputs), outputs=[y]))
         return y
-
-    def emit_new(self, n: Node, xs: list[gs.Tensor]) -> gs.Tensor:
-        op, base, out = n.op, n.name or "fused", self.want.get(n.id)
-        dt = op.dtype or n.dtype or torch.float32
-        rank = n.inputs[0].rank if n.inputs else n.rank
-        if rank is None and isinstance(op, (Pad, Flatten)) or (
-                isinstance(op, Affine) and not op.is_scalar and (n.rank or rank) is None):
-            raise ReparamError(f"'{base}': the rank of the new {type(op).__name__} is unknown")
-        if isinstance(op, Conv):
-            if op.padding_mode != "zeros":
-                raise ReparamError(f"'{base}': ONNX Conv cannot pad with '{op.padding_mode}'")
-            inputs = [xs[0], self.const(f"{base}.weight", op.weight, dt)]
-            if op.bias is not None:
-                inputs.append(self.const(f"{base}.bias", op.bias, dt))
-            attrs = dict(kernel_shape=list(op.kernel_size), strides=list(op.stride), dilations=list(op.dilation),
-                         group=op.groups, pads=[lo for lo, _ in op.padding] + [hi for _, hi in op.padding])
-            return self.node("Conv", base, inputs, attrs, out)
-        if isinstance(op, Linear):
-            if rank == 2:
-                inputs = [xs[0], self.const(f"{base}.weight", op.weight, dt)]
-                if op.bias is not None:
-                    inputs.append(self.const(f"{base}.bias", op.bias, dt))
-                return self.node("Gemm", base, inputs, dict(transB=1), out)
-            y = self.node("MatMul", base, [xs[0], self.const(f"{base}.weight", op.weight.T.contiguous(), dt)],
-                          out=None if op.bias is not None else out)
-            if op.bias is None:
-                return y
-            return self.node("Add", base, [y, self.const(f"{base}.bias", op.bias, dt)], out=out)
-        if isinstance(op, Affine):
-            r = n.rank or rank or 0
-            has_shift = op.shift is not None and bool(op.shift.any())
-            y = xs[0]
-            if not bool((op.scale == 1).all()) or not has_shift:
-                y = self.node("Mul", base, [y, self.const(f"{base}.scale", op.broadcast(op.scale, r), dt)],
-                              out=None if has_shift else out)
-            if has_shift:
-                y = self.node("Add", base, [y, self.const(f"{base}.shift", op.broadcast(op.shift, r), dt)], out=out)
-            return y
-        if isinstance(op, Sum):
-            return self.emit_sum(op, base, xs, dt, out)
-        if isinstance(op, Pad):
-            k = len(op.pads)
-            pads = [0] * (rank - k) + [lo for lo, _ in op.pads] + [0] * (rank - k) + [hi for _, hi in op.pads]
-            return self.node("Pad", base, [xs[0], self.ints(f"{base}.pads", pads)], dict(mode="constant"), out)
-        if isinstance(op, AvgPool):
-            if op.divisor_override is not None or op.ceil_mode:
-                raise ReparamError(f"'{base}': this AvgPool has no ONNX AveragePool form")
-            attrs = dict(kernel_shape=list(op.kernel_size), strides=list(op.stride), pads=list(op.padding) * 2,
-                         count_include_pad=int(op.count_include_pad))
-            return self.node("AveragePool", base, [xs[0]], attrs, out)
-        if isinstance(op, Cat):
-            return self.node("Concat", base, xs, dict(axis=op.dim), out)
-        if isinstance(op, Slice):
-            inputs = [xs[0], self.ints(f"{base}.starts", [op.start]), self.ints(f"{base}.ends", [op.stop]),
-                      self.ints(f"{base}.axes", [op.dim]), self.ints(f"{base}.steps", [1])]
-            return self.node("Slice", base, inputs, None, out)
-        if isinstance(op, Mean):
-            if op.keepdim and rank and rank > 2 and tuple(sorted(d % rank for d in op.dims)) == tuple(range(2, rank)):
-                return self.node("GlobalAveragePool", base, [xs[0]], None, out)
-            if self.opset >= 18:
-                return self.node("ReduceMean", base, [xs[0], self.ints(f"{base}.axes", op.dims)],
-                                 dict(keepdims=int(op.keepdim)), out)
-            return self.node("ReduceMean", base, [xs[0]], dict(axes=list(op.dims), keepdims=int(op.keepdim)), out)
-        if isinstance(op, Flatten):
-            s, e = op.start_dim % rank, op.end_dim % rank
-            if s == 1 and e == rank - 1:
-                return self.node("Flatten", base, [xs[0]], dict(axis=1), out)
-            shape = [0] * s + [-1] + list(n.inputs[0].shape[e + 1:])
-            return self.node("Reshape", base, [xs[0], self.ints(f"{base}.shape", shape)], None, out)
-        if isinstance(op, Identity):
-            return self.node("Identity", base, [xs[0]], None, out) if out else xs[0]
-        raise ReparamError(f"cannot write a new {op!r} at '{base}' to ONNX")
 
     def emit_sum(self, op: Sum, base: str, xs, dt, out):
         terms = []
@@ -329,11 +385,144 @@ class _Exporter:
             acc = self.node("Add" if c > 0 else "Sub", base, [acc, x], out=out if k == len(terms) else None)
         return acc
 
+    @staticmethod
+    def deploy_dtype(n: Node) -> torch.dtype:
+        """The dtype the new op's tensors are written in."""
+        return n.op.dtype or n.dtype or torch.float32
+
+    @staticmethod
+    def input_rank(n: Node) -> int | None:
+        """The rank of the new op's first input (its own when it has none), None when unknown."""
+        return n.inputs[0].rank if n.inputs else n.rank
+
+    def emit_new(self, n: Node, xs: list[gs.Tensor]) -> gs.Tensor:
+        emitter = vocab.by_class(vocab.ONNX_EMITTERS, type(n.op))
+        if emitter is None:
+            raise ReparamError(f"cannot write a new {n.op!r} at '{n.name or 'fused'}' to ONNX: its op kind has no "
+                               f"ONNX emitter (register one with reparam.core.vocabulary.onnx_emitter)")
+        return emitter(self, n, n.op, xs, self.want.get(n.id))
+
+
+def _known_rank(n: Node, rank: int | None) -> int:
+    if rank is None:
+        raise ReparamError(f"'{n.name or 'fused'}': the rank of the new {type(n.op).__name__} is unknown")
+    return rank
+
+
+# --- the built-in emitters, registered like any other ---------------------------------------------------------
+@vocab.onnx_emitter(Conv)
+def _emit_conv(ctx: OnnxExporter, n: Node, op: Conv, xs, out):
+    base, dt = n.name or "fused", ctx.deploy_dtype(n)
+    if op.padding_mode != "zeros":
+        raise ReparamError(f"'{base}': ONNX Conv cannot pad with '{op.padding_mode}'")
+    inputs = [xs[0], ctx.const(f"{base}.weight", op.weight, dt)]
+    if op.bias is not None:
+        inputs.append(ctx.const(f"{base}.bias", op.bias, dt))
+    attrs = dict(kernel_shape=list(op.kernel_size), strides=list(op.stride), dilations=list(op.dilation),
+                 group=op.groups, pads=[lo for lo, _ in op.padding] + [hi for _, hi in op.padding])
+    return ctx.node("Conv", base, inputs, attrs, out)
+
+
+@vocab.onnx_emitter(Linear)
+def _emit_linear(ctx: OnnxExporter, n: Node, op: Linear, xs, out):
+    base, dt = n.name or "fused", ctx.deploy_dtype(n)
+    if ctx.input_rank(n) == 2:
+        inputs = [xs[0], ctx.const(f"{base}.weight", op.weight, dt)]
+        if op.bias is not None:
+            inputs.append(ctx.const(f"{base}.bias", op.bias, dt))
+        return ctx.node("Gemm", base, inputs, dict(transB=1), out)
+    y = ctx.node("MatMul", base, [xs[0], ctx.const(f"{base}.weight", op.weight.T.contiguous(), dt)],
+                 out=None if op.bias is not None else out)
+    if op.bias is None:
+        return y
+    return ctx.node("Add", base, [y, ctx.const(f"{base}.bias", op.bias, dt)], out=out)
+
+
+@vocab.onnx_emitter(Affine)
+def _emit_affine(ctx: OnnxExporter, n: Node, op: Affine, xs, out):
+    base, dt = n.name or "fused", ctx.deploy_dtype(n)
+    r = n.rank or ctx.input_rank(n)
+    if not op.is_scalar:
+        _known_rank(n, r)
+    r = r or 0
+    has_shift = op.shift is not None and bool(op.shift.any())
+    y = xs[0]
+    if not bool((op.scale == 1).all()) or not has_shift:
+        y = ctx.node("Mul", base, [y, ctx.const(f"{base}.scale", op.broadcast(op.scale, r), dt)],
+                     out=None if has_shift else out)
+    if has_shift:
+        y = ctx.node("Add", base, [y, ctx.const(f"{base}.shift", op.broadcast(op.shift, r), dt)], out=out)
+    return y
+
+
+@vocab.onnx_emitter(Sum)
+def _emit_sum(ctx: OnnxExporter, n: Node, op: Sum, xs, out):
+    return ctx.emit_sum(op, n.name or "fused", xs, ctx.deploy_dtype(n), out)
+
+
+@vocab.onnx_emitter(Pad)
+def _emit_pad(ctx: OnnxExporter, n: Node, op: Pad, xs, out):
+    base, rank = n.name or "fused", _known_rank(n, ctx.input_rank(n))
+    k = len(op.pads)
+    pads = [0] * (rank - k) + [lo for lo, _ in op.pads] + [0] * (rank - k) + [hi for _, hi in op.pads]
+    return ctx.node("Pad", base, [xs[0], ctx.ints(f"{base}.pads", pads)], dict(mode="constant"), out)
+
+
+@vocab.onnx_emitter(AvgPool)
+def _emit_avg_pool(ctx: OnnxExporter, n: Node, op: AvgPool, xs, out):
+    base = n.name or "fused"
+    if op.divisor_override is not None or op.ceil_mode:
+        raise ReparamError(f"'{base}': this AvgPool has no ONNX AveragePool form")
+    attrs = dict(kernel_shape=list(op.kernel_size), strides=list(op.stride), pads=list(op.padding) * 2,
+                 count_include_pad=int(op.count_include_pad))
+    return ctx.node("AveragePool", base, [xs[0]], attrs, out)
+
+
+@vocab.onnx_emitter(Cat)
+def _emit_cat(ctx: OnnxExporter, n: Node, op: Cat, xs, out):
+    return ctx.node("Concat", n.name or "fused", xs, dict(axis=op.dim), out)
+
+
+@vocab.onnx_emitter(Slice)
+def _emit_slice(ctx: OnnxExporter, n: Node, op: Slice, xs, out):
+    base = n.name or "fused"
+    inputs = [xs[0], ctx.ints(f"{base}.starts", [op.start]), ctx.ints(f"{base}.ends", [op.stop]),
+              ctx.ints(f"{base}.axes", [op.dim]), ctx.ints(f"{base}.steps", [1])]
+    return ctx.node("Slice", base, inputs, None, out)
+
+
+@vocab.onnx_emitter(Mean)
+def _emit_mean(ctx: OnnxExporter, n: Node, op: Mean, xs, out):
+    base, rank = n.name or "fused", ctx.input_rank(n)
+    if op.keepdim and rank and rank > 2 and tuple(sorted(d % rank for d in op.dims)) == tuple(range(2, rank)):
+        return ctx.node("GlobalAveragePool", base, [xs[0]], None, out)
+    if ctx.opset >= 18:
+        return ctx.node("ReduceMean", base, [xs[0], ctx.ints(f"{base}.axes", op.dims)],
+                        dict(keepdims=int(op.keepdim)), out)
+    return ctx.node("ReduceMean", base, [xs[0]], dict(axes=list(op.dims), keepdims=int(op.keepdim)), out)
+
+
+@vocab.onnx_emitter(Flatten)
+def _emit_flatten(ctx: OnnxExporter, n: Node, op: Flatten, xs, out):
+    base, rank = n.name or "fused", _known_rank(n, ctx.input_rank(n))
+    s, e = op.start_dim % rank, op.end_dim % rank
+    if s == 1 and e == rank - 1:
+        return ctx.node("Flatten", base, [xs[0]], dict(axis=1), out)
+    shape = [0] * s + [-1] + list(n.inputs[0].shape[e + 1:])
+    return ctx.node("Reshape", base, [xs[0], ctx.ints(f"{base}.shape", shape)], None, out)
+
+
+@vocab.onnx_emitter(Identity)
+def _emit_identity(ctx: OnnxExporter, n: Node, op: Identity, xs, out):
+    return ctx.node("Identity", n.name or "fused", [xs[0]], None, out) if out else xs[0]
+
 
 def _holds_graph(v) -> bool:
     return isinstance(v, gs.Graph) or (isinstance(v, (list, tuple)) and any(isinstance(x, gs.Graph) for x in v))
 
 
-def export_onnx(g: Graph, model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model`` rewritten as ``g`` says (``g`` was imported from ``model``)."""
-    return _Exporter(g, model).run()
+def export_onnx(g: Graph, model: onnx.ModelProto, self_check: bool = True) -> onnx.ModelProto:
+    """``model`` rewritten as ``g`` says (``g`` was imported from ``model``). With ``self_check`` the nodes written
+    for every new op are run in onnxruntime on small random inputs against the op's own ``evaluate``, so an
+    emitter bug raises :class:`reparam.errors.ExportError` naming the op and the exporter."""
+    return OnnxExporter(g, model, self_check).run()

@@ -12,6 +12,10 @@ Constant nodes, and nodes whose inputs are all constants (shape arithmetic on st
 included), become Opaque nodes carrying their value. Shapes come from ONNX shape inference on a copy
 of the model whose dynamic input dimensions were fixed; decisions that must hold for every input size
 (Split/Slice bounds, SAME padding, folded Shape values) only use dimensions static in the original.
+
+Every recognizer, built-in or a user's, sits in :mod:`reparam.core.vocabulary` by (domain, op type);
+:class:`OnnxImporter` is what a recognizer gets as ``ctx``: ``const``, ``is_data``, ``shape``, ``static_dim``,
+``dtype``, ``attr``, ``auto_pads``, ``only_output``.
 """
 from __future__ import annotations
 
@@ -23,6 +27,8 @@ import onnx_graphsurgeon as gs
 import torch
 
 from reparam.math import kernels
+from reparam.core import vocabulary as vocab
+import reparam.rules  # noqa: F401  (the built-in op kinds beyond the core vocabulary register themselves)
 from reparam.errors import ReparamError
 from reparam.core.ir import Graph, Node
 from reparam.frontends.onnx.shapes import Shape, infer, value_infos, with_known
@@ -108,12 +114,42 @@ def subgraph_names(node: onnx.NodeProto) -> set[str]:
     return names
 
 
+def node_proto(n: gs.Node, opset: int) -> onnx.NodeProto:
+    """The NodeProto of one onnx-graphsurgeon node (through the public ``gs.export_onnx``)."""
+    return gs.export_onnx(gs.Graph(nodes=[n], opset=opset), do_type_check=False).graph.node[0]
+
+
+def node_reference(proto: onnx.NodeProto, opset: int):
+    """``feeds → outputs`` (aligned with ``proto.output``, None for an omitted one) of one node in
+    ``onnx.reference`` at the model's opset. The node runs inside a one-node model: given a bare NodeProto,
+    ``ReferenceEvaluator`` ignores ``opsets`` and runs the newest version of the op (a Squeeze of opset 11 would
+    drop its ``axes`` attribute and squeeze every unit dim)."""
+    from onnx import helper
+    from onnx.reference import ReferenceEvaluator
+
+    domain = proto.domain or ""
+    graph = helper.make_graph([proto], "node", [helper.make_empty_tensor_value_info(i) for i in
+                                                dict.fromkeys(proto.input) if i],
+                              [helper.make_empty_tensor_value_info(o) for o in proto.output if o])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid(domain, opset)])
+    evaluator = ReferenceEvaluator(model)
+
+    def run(feeds: dict) -> list:
+        results = iter(evaluator.run(None, feeds))
+        return [next(results) if o else None for o in proto.output]
+    return run
+
+
 def _attr(node: gs.Node, name: str, default=None):
     v = node.attrs.get(name, default)
     return v.decode() if isinstance(v, bytes) else v
 
 
-class _Importer:
+class OnnxImporter:
+    """The walk over an ONNX graph; a recognizer's ``ctx``."""
+
+    attr = staticmethod(_attr)
+
     def __init__(self, model: onnx.ModelProto, shaped: onnx.ModelProto):
         self.model = model
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
@@ -183,6 +219,10 @@ class _Importer:
     def used(self, t: gs.Tensor) -> bool:
         return self.consumers.get(t.name, 0) > 0
 
+    def only_output(self, n: gs.Node, k: int) -> bool:
+        """True for output 0 of a node whose other outputs nobody reads (BN statistics, a dropout mask)."""
+        return k == 0 and not any(self.used(t) for t in n.outputs[1:])
+
     # --- the walk
     def run(self) -> Graph:
         for k, t in enumerate(self.gs.inputs):
@@ -234,7 +274,7 @@ class _Importer:
         if out.name in self.known:
             return self.node(Opaque(n.op, torch.from_numpy(np.array(self.known[out.name]))), n, k, data)
         found = None
-        if n.domain in ("", "ai.onnx", None) and id(n) not in self.protos:
+        if id(n) not in self.protos:
             try:
                 found = self.op(n, k)
             except (TypeError, ValueError, IndexError, KeyError, ZeroDivisionError):
@@ -270,12 +310,8 @@ class _Importer:
         if sum(np.asarray(self.const(t)).size for t in inputs) > _FOLD_LIMIT:
             return
         try:
-            from onnx.reference import ReferenceEvaluator
-            from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
-
-            proto = OnnxExporter.export_node(n)
             feeds = {t.name: self.const(t) for t in inputs}
-            results = ReferenceEvaluator(proto, opsets={"": self.opset}).run(None, feeds)
+            results = node_reference(node_proto(n, self.opset), self.opset)(feeds)
         except Exception:
             return
         for t, v in zip(n.outputs, results):
@@ -295,14 +331,10 @@ class _Importer:
 
     # --- recognizers: (op, data inputs) or None
     def op(self, n: gs.Node, k: int):
-        fn = getattr(self, f"op_{n.op}", None)
+        fn = vocab.onnx_recognizer(n.domain, n.op)
         if fn is None or id(n) in self.sealed:
             return None
-        if k > 0 and n.op != "Split":
-            return None
-        if n.op not in ("Split",) and any(self.used(t) for t in n.outputs[1:]):
-            return None  # extra outputs (BN statistics, dropout mask) are read: not the inference form
-        return fn(n, k) if n.op == "Split" else fn(n)
+        return fn(self, n, k)
 
     def op_Conv(self, n):
         x, w = n.inputs[0], self.const(n.inputs[1])
@@ -572,6 +604,18 @@ class _Importer:
         return Linear(_f64(b).T.contiguous(), None, dtype=self.dtype(x.name)), [x]
 
 
+
+def _first_output(method):
+    """A recognizer of output 0 of a node (its other outputs unread) from an ``OnnxImporter.op_*`` method."""
+    def recognize(ctx: OnnxImporter, n: gs.Node, k: int):
+        return method(ctx, n) if ctx.only_output(n, k) else None
+    return recognize
+
+
+for _name in [a for a in vars(OnnxImporter) if a.startswith("op_") and a != "op_Split"]:  # the built-ins
+    vocab.onnx_op(_name[3:], fn=_first_output(getattr(OnnxImporter, _name)))
+vocab.onnx_op("Split", fn=OnnxImporter.op_Split)
+
 def runtime_fused(graph: gs.Graph, const) -> set[int]:
     """Nodes of subgraphs ONNX Runtime fuses into one kernel, kept opaque so a rewrite (a scalar folded into
     the next conv) does not break that fusion: the erf GELU x·½·(1 + erf(x/√2)) in the orders torch emits."""
@@ -624,4 +668,4 @@ def _per_axis(c, shape: Shape | None, out_shape: Shape | None):
 
 def import_onnx(model: onnx.ModelProto, shaped: onnx.ModelProto) -> Graph:
     """The IR of ``model``; ``shaped`` is the same model with fixed input dims, shape-inferred."""
-    return _Importer(model, shaped).run()
+    return OnnxImporter(model, shaped).run()

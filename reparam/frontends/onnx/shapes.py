@@ -1,6 +1,7 @@
 """ONNX shapes: the resolved input shapes, and shape inference that sees through folded constants.
 
-Dynamic input dimensions are fixed (given ones, else batch → 1 and other dims → 64) on a copy of the
+A dimension is dynamic whatever its spelling: a ``dim_param``, no value, or a negative ``dim_value`` (Paddle
+writes -1). Dynamic input dimensions are fixed (given ones, else batch → 1 and other dims → 64) on a copy of the
 model; ``with_known`` lets inference see values torch computes from ``x.shape`` (Slice bounds of chunk).
 """
 from __future__ import annotations
@@ -19,7 +20,8 @@ Shape = tuple  # of int (or None for a dynamic dimension)
 def _dims(tp: onnx.TypeProto) -> Shape | None:
     if not tp.HasField("tensor_type") or not tp.tensor_type.HasField("shape"):
         return None
-    return tuple(d.dim_value if d.HasField("dim_value") else None for d in tp.tensor_type.shape.dim)
+    return tuple(d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else None
+                 for d in tp.tensor_type.shape.dim)  # a dim_param, no value, or a negative one (-1): dynamic
 
 
 def value_infos(model: onnx.ModelProto) -> tuple[dict[str, Shape], dict[str, int]]:
