@@ -580,7 +580,8 @@ def assert_fires_everywhere(rule: Rule | str, model: nn.Module, inputs, times: i
     got = onnx_report.fired_counts().get(name, 0)
     if got != times:
         raise AssertionError(f"on ONNX, rule '{name}' fired {got} time(s), expected {times}\n{_describe(onnx_report)}")
-    onnx_convs = Counter(n.op_type for n in out.graph.node)["Conv"]
+    kinds = Counter(n.op_type for n in out.graph.node)
+    onnx_convs = kinds["Conv"] + kinds["ConvTranspose"]  # as count_ops counts them
     fx_convs = count_ops(fused)["convs"]
     if onnx_convs != fx_convs:
         raise AssertionError(f"FX and ONNX disagree: {fx_convs} conv(s) after fusing with FX, {onnx_convs} with ONNX")

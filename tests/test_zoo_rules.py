@@ -121,7 +121,7 @@ def test_unread_in_place_op_is_never_pruned_and_no_wrong_model_comes_out():
     graph, _ = import_fx(capture(model, (x,)).regions[0].gm)
     conv = next(n for n in graph.nodes if n.name == "conv")
     prune_unused(graph)
-    assert len(conv.users) == 1 and conv.users[0].op.kind == "affine", "the mul_ must stay the conv's reader"
+    assert len(conv.users) == 1 and type(conv.users[0].op).__name__ == "Affine", "the mul_ must stay the conv's reader"
     fused = reparam.fuse(model, x)
     assert count_model(fused).convs == 1
     assert torch.allclose(fused(x), model(x), rtol=1e-12, atol=1e-12)
@@ -350,6 +350,10 @@ def test_indexed_tracer_gives_the_torch_fx_graph():
 
     model = SharedAndConstant().eval()
     ours, theirs = trace(model), fx.symbolic_trace(model)
-    assert ours.code == theirs.code
+
+    def calls(gm):  # the same calls in the same order (ours also reads buffers as attributes, to fold them)
+        return [(n.op, str(n.target)) for n in gm.graph.nodes if n.op not in ("get_attr", "placeholder", "output")]
+
+    assert calls(ours) == calls(theirs)
     x = torch.randn(1, 2, 5, 5)
     assert torch.equal(ours(x), theirs(x))

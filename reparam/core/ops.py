@@ -469,3 +469,19 @@ def output_shape(op: Op, shapes: list[tuple[int, ...] | None]) -> tuple[int, ...
     if not shapes or any(s is None for s in shapes):
         return None
     return op.output_shape([tuple(s) for s in shapes])
+
+
+def per_axis(t: torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.Tensor, int | None] | None:
+    """A float64 constant ``t`` that broadcasts against ``shape`` along at most one axis: (values, axis), with
+    axis None for a scalar; None when it varies along several axes or does not fit."""
+    if t.numel() == 1:
+        return t.reshape(()), None
+    if t.ndim > len(shape):
+        return None
+    axes = [k for k, s in enumerate(t.shape) if s != 1]
+    if len(axes) != 1:
+        return None
+    axis = len(shape) - t.ndim + axes[0]
+    if t.shape[axes[0]] != shape[axis]:
+        return None
+    return t.reshape(-1).clone(), axis

@@ -101,7 +101,7 @@ def _flatten_signature(gm: fx.GraphModule) -> None:
         structure = tree_unflatten(leaves, out_spec)
     else:
         structure = output.args[0]
-    gm.graph._codegen = fx.graph.CodeGen()
+    gm.graph.set_codegen(fx.graph.CodeGen())
     output.args = (structure,)
     for attr in ("_in_spec", "_out_spec"):
         if hasattr(gm, attr):

@@ -25,6 +25,7 @@ from reparam.core import vocabulary as vocab
 import reparam.rules  # noqa: F401  (the built-in op kinds beyond the core vocabulary register themselves)
 from reparam.frontends.fx.capture import has_hooks
 from reparam.core.ir import Graph, Node
+from reparam.core.ops import per_axis
 from reparam.core.ops import (Affine, AvgPool, Cat, Conv, Flatten, Identity, Input, Linear, Mean, Opaque, Pad, Permute,
                               Slice, Sum, f64)
 from reparam.frontends.fx.nodes import FxOrigin, fx_dtype, fx_shape, scoped_name
@@ -548,17 +549,7 @@ def _per_axis(c, shape: tuple[int, ...], n: fx.Node):
     # a Python number goes straight to float64 (torch.as_tensor would round it to float32 first)
     t = torch.as_tensor(c, dtype=torch.float64) if isinstance(c, numbers.Number) else \
         c.detach().to("cpu", torch.float64)
-    if t.numel() == 1:
-        return t.reshape(()), None
-    if t.ndim > len(shape):
-        return None
-    axes = [k for k, s in enumerate(t.shape) if s != 1]
-    if len(axes) != 1:
-        return None
-    axis = len(shape) - t.ndim + axes[0]
-    if t.shape[axes[0]] != shape[axis]:
-        return None
-    return t.reshape(-1).clone(), axis
+    return per_axis(t, shape)
 
 
 def import_fx(gm: fx.GraphModule) -> tuple[Graph, list[str]]:

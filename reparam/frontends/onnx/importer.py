@@ -32,6 +32,7 @@ import reparam.rules  # noqa: F401  (the built-in op kinds beyond the core vocab
 from reparam.errors import ReparamError
 from reparam.core.ir import Graph, Node
 from reparam.frontends.onnx.shapes import Shape, infer, value_infos, with_known
+from reparam.core.ops import per_axis
 from reparam.core.ops import (Affine, AvgPool, Cat, Conv, Flatten, Identity, Input, Linear, Mean, Opaque, Pad, Slice, Sum, output_shape)
 
 ONNX_TO_TORCH = {onnx.TensorProto.FLOAT: torch.float32, onnx.TensorProto.FLOAT16: torch.float16,
@@ -653,17 +654,7 @@ def _per_axis(c, shape: Shape | None, out_shape: Shape | None):
     if shape is None or out_shape is None or tuple(shape) != tuple(out_shape):
         return None
     t = _f64(c)
-    if t.numel() == 1:
-        return t.reshape(()), None
-    if t.ndim > len(shape):
-        return None
-    axes = [k for k, s in enumerate(t.shape) if s != 1]
-    if len(axes) != 1:
-        return None
-    axis = len(shape) - t.ndim + axes[0]
-    if t.shape[axes[0]] != shape[axis]:
-        return None
-    return t.reshape(-1).clone(), axis
+    return per_axis(t, shape)
 
 
 def import_onnx(model: onnx.ModelProto, shaped: onnx.ModelProto) -> Graph:
