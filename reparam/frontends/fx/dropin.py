@@ -86,8 +86,8 @@ def is_sealed(cls: type) -> bool:
 class DeployForward:
     """An instance's ``forward``: the fused whole graph (the submodule ``fused_forward``), as long as the
     model still has the structure the graph was built from (the same submodules, none with hooks);
-    otherwise the class's own ``forward`` (running the fused children). Picklable; a model that was changed
-    stays on its own forward after a round trip."""
+    otherwise the class's own ``forward`` (running the fused children). Pickled without reparam; a model
+    that was changed stays on its own forward after a round trip."""
 
     def __init__(self, owner: nn.Module, watch: bool = True):
         self.owner = owner
@@ -142,21 +142,29 @@ class DeployForward:
             return self.owner._modules[GRAPH_NAME](*args, **kwargs)
         return type(self.owner).forward(self.owner, *args, **kwargs)
 
-    def __getstate__(self):
-        if self._snapshot is not None:
-            self.valid()  # a change made so far is remembered across pickling
-        return {"owner": self.owner, "watch": self.watch, "stale": self.stale}
+    def __reduce__(self):
+        """Pickled as torch-only objects, so a saved deploy model loads without reparam (with the model's own
+        code, as the original needed): the graph's bound ``forward`` while the graph is in use, else the
+        class's ``forward`` bound to the model. A loaded model no longer watches for replaced or hooked
+        submodules; ``copy.deepcopy`` keeps the watch (:meth:`__deepcopy__`)."""
+        if self.valid():
+            return getattr, (self.owner._modules[GRAPH_NAME], "forward")
+        return functools.partial, (type(self.owner).forward, self.owner)
 
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._snapshot = None  # taken again at the first call, from the restored model
+    def __deepcopy__(self, memo):
+        new = DeployForward(copy.deepcopy(self.owner, memo), self.watch)
+        new.stale = self.stale
+        return new
 
 
 def installed_graph(model: nn.Module) -> nn.Module | None:
     """The whole graph ``model``'s forward runs, if one is installed (and still in use), else None."""
     forward = model.__dict__.get("forward")
+    graph = model._modules.get(GRAPH_NAME)
     if isinstance(forward, DeployForward) and forward.owner is model and forward.valid():
-        return model._modules[GRAPH_NAME]
+        return graph
+    if graph is not None and getattr(forward, "__self__", None) is graph:  # as loaded from a pickle
+        return graph
     return None
 
 
