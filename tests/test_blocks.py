@@ -15,6 +15,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 import reparam
+from reparam.frontends.fx.dropin import forward_graph
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
@@ -122,7 +123,7 @@ def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
 
 def call_kinds(gm: nn.Module) -> list[str]:
     """The fused model's call nodes, as module class names or function names, in order."""
-    assert isinstance(gm, fx.GraphModule)
+    gm = forward_graph(gm)
     mods = dict(gm.named_modules())
     out = []
     for n in gm.graph.nodes:

@@ -88,7 +88,8 @@ def test_the_py_format_loads_with_torch_alone_in_a_fresh_interpreter(tmp_path):
 
 
 def test_a_deploy_pt_loads_in_a_fresh_interpreter_without_reparam(tmp_path):
-    """The pickle written for .pt needs torch only (and weights_only=False, as the docs say)."""
+    """The pickle written for .pt needs torch and the model's own code (its class keeps its place), not reparam
+    (and weights_only=False, as the docs say)."""
     from reparam.io.saving import save_model
 
     save_model(_fused(), tmp_path / "deploy.pt", (X,))
@@ -96,7 +97,7 @@ def test_a_deploy_pt_loads_in_a_fresh_interpreter_without_reparam(tmp_path):
             "m = torch.load('deploy.pt', weights_only=False)\n"
             "print(tuple(m(torch.ones(2, 3, 12, 12)).shape))\n"
             "assert not any(k.startswith('reparam') for k in sys.modules), 'reparam was imported'\n")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}  # the model's code: tests/
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "(2, 4, 12, 12)"

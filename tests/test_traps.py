@@ -14,6 +14,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 import reparam
+from reparam.frontends.fx.dropin import forward_graph
 
 
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -32,7 +33,7 @@ def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def kinds(gm: nn.Module, kind) -> int:
-    assert isinstance(gm, fx.GraphModule)
+    gm = forward_graph(gm)
     mods = dict(gm.named_modules())
     return sum(n.op == "call_module" and isinstance(mods[n.target], kind) for n in gm.graph.nodes)
 

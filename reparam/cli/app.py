@@ -538,7 +538,8 @@ def fuse(model: ModelArg,
         paths = [output] + extra
         with atomic_paths(*paths, *([report] if report is not None else [])) as temps:  # all or nothing
             with steps.step("write", f"writing {output} ({fmt})"):
-                rep.notes.extend(write_model(fused, temps[:len(paths)], fmt, inputs, dynamic))
+                written = loaded.packed(fused) if fmt == "pt" else fused  # a checkpoint dict comes back as one
+                rep.notes.extend(write_model(written, temps[:len(paths)], fmt, inputs, dynamic))
             with steps.step("check", f"checking the written {output.name}"):
                 checked = check_written(fused, temps[:len(paths)], fmt, inputs,
                                         progress=lambda done, total: steps.count(done, total, "checks"))

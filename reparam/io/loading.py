@@ -49,6 +49,15 @@ class Loaded:
     obj: Any
     source: str
     path: Path | None = None  # the file read (None for a factory without weights)
+    container: Any = None  # a checkpoint dict the module was found in ({'model': module, 'epoch': ...})
+    key: Any = None  # the module's key in ``container``
+
+    def packed(self, fused: Any) -> Any:
+        """What to write for the deploy model ``fused``: the checkpoint container it came in (a shallow copy,
+        ``fused`` in the module's place), else ``fused`` itself."""
+        if self.container is None:
+            return fused
+        return {**self.container, self.key: fused}
 
 
 def _first_line(err: BaseException) -> str:
@@ -105,7 +114,10 @@ def load_model(spec: str, *, trust: bool = False, weights: str | os.PathLike | N
         if not path.is_file():
             raise ReparamError(f"'{path}' is not a file")
         if kind == "pickle":
-            loaded = Loaded("module", _unpickle_module(path, trust), spec, path)
+            obj = _unpickle_module(path, trust)
+            key = module_key(obj)
+            loaded = (Loaded("module", obj, spec, path) if key is None else
+                      Loaded("module", obj[key], spec, path, container=obj, key=key))
         elif kind == "exported":
             loaded = Loaded("exported", load_pt2(path, trust=trust), spec, path)
         else:
@@ -186,7 +198,8 @@ _NOT_TORCH = ("is not a readable PyTorch checkpoint: neither a torch.save archiv
               "another format)")
 
 
-def _unpickle_module(path: Path, trust: bool) -> nn.Module:
+def _unpickle_module(path: Path, trust: bool) -> Any:
+    """The module in ``path``, or the checkpoint dict holding it (see :func:`module_key`)."""
     kind = _file_kind(path)
     if kind == "torchscript":
         raise ReparamError(f"'{path}' is a TorchScript model (torch.jit): TorchScript models cannot be fused, they "
@@ -220,12 +233,23 @@ def _unpickle_module(path: Path, trust: bool) -> nn.Module:
                                f"be importable; run from the project directory or set PYTHONPATH") from err
         except Exception as err:
             raise ReparamError(f"'{path}' could not be read as a PyTorch file: {_first_line(err)}") from err
-    if isinstance(obj, nn.Module):
+    if isinstance(obj, nn.Module) or module_key(obj) is not None:
         return obj
     if state_dict_of(obj) is not None:
         raise ReparamError(f"'{path}' holds weights only (a state_dict), not a model: pass the model's factory "
                            f"with it: reparam fuse pkg.module:factory --weights {path} -o OUT")
     raise ReparamError(f"'{path}' holds a {type(obj).__name__}, not a torch.nn.Module")
+
+
+def module_key(obj: Any) -> Any:
+    """The key of the model in a checkpoint dict (as YOLO frameworks save it: {'model': module, 'epoch': ...}):
+    the one value that is an nn.Module, or 'model' when several are (None if ``obj`` is not such a dict)."""
+    if not isinstance(obj, dict):
+        return None
+    keys = [k for k, v in obj.items() if isinstance(v, nn.Module)]
+    if len(keys) > 1 and isinstance(obj.get("model"), nn.Module):
+        return "model"
+    return keys[0] if len(keys) == 1 else None
 
 
 def state_dict_of(obj: Any) -> dict[str, torch.Tensor] | None:

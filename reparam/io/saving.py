@@ -335,6 +335,10 @@ def _runner(temps: list[str], fmt: str):
         return lambda probe: _ort_run(temps[0], probe)
     if fmt == "pt":
         model = torch.load(temps[0], weights_only=False)
+        if isinstance(model, dict):  # a checkpoint container written back (Loaded.packed): its model
+            from reparam.io.loading import module_key
+
+            model = model[module_key(model)]
     elif fmt == "pt2":
         from reparam.io.pt2 import load_pt2
 

@@ -2,7 +2,9 @@
 
 The torch.fx adapter of the one fuse driver (:mod:`reparam.frontends.pipeline`): the model is captured (whole,
 else region by region), each region's graph imported to IR, rewritten, exported back as a GraphModule, and the
-regions put in place in a copy of the model."""
+regions put in place in a copy of the model. A model traced whole keeps its class (docs/design.md, "Drop-in
+deploy models"): the whole graph and the regions at its module boundaries are both rewritten, and the deploy
+model is built from one of them (:meth:`FxFrontEnd.assemble`)."""
 from __future__ import annotations
 
 import copy
@@ -19,6 +21,7 @@ from reparam.core.rule import Rule
 from reparam.errors import CaptureError, ReparamError
 from reparam.frontends import verify as verify_mod
 from reparam.frontends.base import Outputs, Region
+from reparam.frontends.fx import dropin
 from reparam.frontends.fx.capture import capture, eval_mode, example_inputs_for, set_submodule
 from reparam.frontends.fx.counting import count_run
 from reparam.frontends.fx.exporter import export_fx
@@ -27,7 +30,7 @@ from reparam.frontends.fx.importer import import_fx
 from reparam.frontends.fx.nodes import FxOrigin
 from reparam.frontends.fx.param_fold import materialize
 from reparam.frontends.fx.prune import prune_unused
-from reparam.frontends.pipeline import Options, fuse_with
+from reparam.frontends.pipeline import Options, fuse_with, opaque_note
 from reparam.frontends.rulesets import select_rules
 
 PROBE_SEED = 1234  # the verification's random inputs (the same for every front end)
@@ -79,15 +82,39 @@ def fx_opaque_kind(node: Node) -> str:
     return n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
 
 
+OPAQUE_NOTE = "operations opaque to the rules"  # how the pipeline's opaque note begins
+
+
 class FxFrontEnd:
-    """An ``nn.Module`` fused through torch.fx (see :func:`fuse`)."""
+    """An ``nn.Module`` fused through torch.fx (see :func:`fuse`).
+
+    A model traced whole is deployed in one of these forms (``self.form``, see docs/design.md, "Drop-in deploy
+    models"):
+
+    - 'graph': the fused GraphModule itself (``keep_class=False``, or a torch.nn container or GraphModule given
+      as the model, which have no methods of their own to keep);
+    - 'sealed': an instance of the model's class holding only its plain attributes and the graph, installed as
+      its forward (a class with no public method but forward);
+    - 'regions': an instance of the model's class, each submodule its code can observe fused in place;
+    - 'installed': 'regions' with the whole graph installed as its forward, when the graph runs fewer convs,
+      BatchNorms or Linear products on the example input than the regions do.
+
+    For the last two both versions are imported (the whole graph first, then the boundary regions) and rewritten
+    in one run, so the bisection counts the rewrites of both in that order; the form is chosen at the first
+    assembly and kept for the bisection's re-runs; both forward and the class's own forward through the fused
+    regions are verified; :meth:`finish` drops the unchosen version's rewrites from the report."""
 
     subject = "model"
 
-    def __init__(self, model: nn.Module, example_inputs):
+    def __init__(self, model: nn.Module, example_inputs, keep_class: bool = True):
         if not isinstance(model, nn.Module):
             raise ReparamError(f"fuse() needs a torch.nn.Module, got {type(model).__name__}")
         self.model = model
+        self.keep_class = keep_class
+        self.form: str | None = None  # for a model traced whole: 'graph', 'sealed', 'regions' or 'installed'
+        self._report: Report | None = None  # the report of the rewrite in progress (where each region's log starts)
+        self._boundary: Report = Report()  # the boundary regions' import and assembly notes
+        self._regions: list[Region] = []
         self.inputs = _as_tuple(example_inputs)
         self.guessed = False
         if self.inputs is None:
@@ -119,20 +146,70 @@ class FxFrontEnd:
         if cap.opaque.get("") and cap.regions:
             report.notes.append(f"the model's forward could not be traced as a whole ({cap.opaque['']}); "
                                 f"{len(cap.regions)} traceable submodule(s) were fused separately")
-        return [import_graph_module(r.gm, report, r.path) for r in cap.regions]
+        self._report = report
+        regions = [import_graph_module(r.gm, report, r.path) for r in cap.regions]
+        if not (regions and regions[0].path == ""):
+            return regions
+        regions[0].extra["whole"] = True
+        if self.form is None:
+            self.form = self._whole_form()
+        if self.form in ("graph", "sealed"):
+            return regions
+        self._boundary = Report()
+        with eval_mode(self.model):
+            boundary = dropin.boundary_capture(self.model, self.inputs)
+        self._boundary.opaque.update(boundary.opaque)
+        self._boundary.notes.extend(boundary.notes)
+        return regions + [import_graph_module(r.gm, self._boundary, r.path) for r in boundary.regions]
+
+    def _whole_form(self) -> str | None:
+        """The form of a model traced whole, or None when the example input's counts choose it (at assembly)."""
+        if not self.keep_class or type(self.model) in dropin.CONTAINERS or isinstance(self.model, fx.GraphModule):
+            return "graph"
+        return "sealed" if dropin.is_sealed(type(self.model)) else None
+
+    def _paired(self, regions: list[Region]) -> bool:
+        """Both versions were rewritten: the deploy model is built from the boundary regions (and the graph)."""
+        return bool(regions) and regions[0].extra.get("whole", False) and self.form in (None, "regions", "installed")
 
     def export(self, region: Region) -> fx.GraphModule:
+        if self._report is not None:  # where this region's log starts in the report
+            region.extra["log_from"] = (len(self._report.rules_fired), len(self._report.refusals))
         return export_region(region)
 
     def assemble(self, regions: list[Region], report: Report) -> nn.Module:
-        if len(regions) == 1 and regions[0].path == "":
+        self._regions = regions
+        if len(regions) == 1 and regions[0].path == "" and self.form == "graph":
             return regions[0].fused
+        if self.form == "sealed":
+            with eval_mode(self.model):
+                return dropin.install(dropin.shell(self.model), regions[0].fused, sealed=True)
+        whole, boundary = (regions[0], regions[1:]) if self._paired(regions) else (None, regions)
         with eval_mode(self.model):
-            result, kept = _assemble(self.model, [(r.path, r) for r in regions], self.inputs, report)
+            result, kept = _assemble(self.model, [(r.path, r) for r in boundary], self.inputs,
+                                     self._boundary if whole is not None else report)
         kept_paths = {path for path, _ in kept}
-        for r in regions:
+        for r in boundary:
             r.extra["kept"] = r.path in kept_paths
-        return result
+        if whole is None:
+            return result
+        if self.form is None:
+            self.form = self._choose(result, whole.fused, report)
+        return dropin.install(result, whole.fused, sealed=False) if self.form == "installed" else result
+
+    def _choose(self, by_regions: nn.Module, by_graph: nn.Module, report: Report) -> str:
+        """'installed' when the whole graph runs fewer convs, BatchNorms or Linear products on the example input
+        than the model's own forward through its fused regions, else 'regions'."""
+        if self.inputs is None:
+            return "regions"
+        ours, graph = count_run(by_regions, self.inputs), count_run(by_graph, self.inputs)
+        if not any(getattr(ours, k) > getattr(graph, k) for k in ("convs", "bns", "linears")):
+            return "regions"
+        report.notes.append(
+            f"forward runs the whole fused graph ({graph.convs} convs, {graph.bns} BatchNorms, {graph.linears} "
+            f"Linear products on the example input); the model's other methods run its fused submodules "
+            f"({ours.convs} convs, {ours.bns} BatchNorms, {ours.linears} Linear products through forward's own code)")
+        return "installed"
 
     def opaque_kind(self, node: Node) -> str:
         return fx_opaque_kind(node)
@@ -143,41 +220,85 @@ class FxFrontEnd:
     def input_shapes(self) -> list[list[int]]:
         return _shapes(self.inputs)
 
+    # A drop-in model is verified twice over: its forward, and its class's own forward through the fused
+    # regions (what its other methods run); the original's outputs are compared with both.
+
     def reference(self, regions: list[Region]) -> Outputs:
         # float64 streamed (no float64 copy of the model); the original as it runs, on a copy of its modules
-        return Outputs(exact=verify_mod.outputs_float64(self.model, self.probe),
-                       native=verify_mod.run(verify_mod.eval_view(self.model), self.probe))
+        exact = verify_mod.outputs_float64(self.model, self.probe)
+        native = verify_mod.run(verify_mod.eval_view(self.model), self.probe)
+        twice = 2 if self._paired(regions) else 1
+        return Outputs(exact=exact * twice, native=native * twice)
+
+    def _both(self, fused: nn.Module, run: Callable[[nn.Module], list]) -> list:
+        """``run(fused)``, and for a drop-in model ``run`` of it on its class's own forward after it."""
+        outs = run(fused)
+        if not self._paired(self._regions):
+            return outs
+        if self.form != "installed":
+            return outs + outs
+        with dropin.own_forward(fused):
+            return outs + run(fused)
 
     def exact(self, fused: nn.Module, regions: list[Region]) -> list:
-        return verify_mod.outputs_float64(float64_twin(fused, regions), self.probe)
+        twin = float64_twin(fused, regions, self)
+        return self._both(twin, lambda m: verify_mod.outputs_float64(m, self.probe))
 
     def recheck(self, fused: nn.Module, regions: list[Region]) -> tuple[list, list]:
-        return (verify_mod.run(self.model, self.probe, torch.float64),
-                verify_mod.run(float64_twin(fused, regions), self.probe, torch.float64))
+        twice = 2 if self._paired(regions) else 1
+        twin = float64_twin(fused, regions, self)
+        return (verify_mod.run(self.model, self.probe, torch.float64) * twice,
+                self._both(twin, lambda m: verify_mod.run(m, self.probe, torch.float64)))
 
     def native(self, fused: nn.Module) -> list:
-        return verify_mod.run(fused, self.probe)
+        return self._both(fused, lambda m: verify_mod.run(m, self.probe))
 
     def misread(self) -> list[str]:
         return _misread(self.model, self.inputs)
 
     def finish(self, fused: nn.Module, report: Report) -> nn.Module:
+        regions = self._regions
+        if self._paired(regions):
+            self._keep_log_of(regions, report)
         return fused
+
+    def _keep_log_of(self, regions: list[Region], report: Report) -> None:
+        """The report tells what the chosen version's rewrite did: the whole graph's for 'installed', the boundary
+        regions' for 'regions' (their log follows the whole graph's, see :meth:`export`)."""
+        fired, refused = regions[1].extra["log_from"] if len(regions) > 1 else \
+            (len(report.rules_fired), len(report.refusals))
+        chosen = regions[:1] if self.form == "installed" else regions[1:]
+        if self.form == "installed":
+            report.rules_fired, report.refusals = report.rules_fired[:fired], report.refusals[:refused]
+        else:
+            report.rules_fired, report.refusals = report.rules_fired[fired:], report.refusals[refused:]
+            report.notes.extend(n for n in self._boundary.notes if n not in report.notes)
+        report.opaque.update(self._boundary.opaque)
+        note = opaque_note(self, chosen)
+        report.notes[:] = [n for n in report.notes if not n.startswith(OPAQUE_NOTE)] + ([note] if note else [])
 
     def count(self, artifact, original: bool):
         return count_run(self.model if original else artifact, self.inputs)  # what runs, at ATen level
 
 
-def float64_twin(fused: nn.Module, regions: list[Region]) -> nn.Module:
-    """``fused`` with each kept region's new tensors computed (not cast) in float64."""
-    if len(regions) == 1 and regions[0].path == "":
+def float64_twin(fused: nn.Module, regions: list[Region], front: FxFrontEnd | None = None) -> nn.Module:
+    """``fused`` with each kept region's new tensors computed (not cast) in float64 (in the form ``front`` chose
+    for a model traced whole)."""
+    form = front.form if front is not None else None
+    if regions and regions[0].path == "" and form in (None, "graph") and len(regions) == 1:
         return export_region(regions[0], torch.float64)
-    out = copy.deepcopy(fused)
-    for r in regions:
+    if form == "sealed":
+        with eval_mode(front.model):
+            return dropin.install(dropin.shell(front.model), export_region(regions[0], torch.float64), sealed=True)
+    paired = front is not None and front._paired(regions)
+    out = dropin.uninstalled(copy.deepcopy(fused))  # the regions' own forward (the graph is put on again below)
+    for r in regions[1:] if paired else regions:
         if r.extra.get("kept"):
             region64 = export_region(r, torch.float64)
             carry_attributes(out.get_submodule(r.path), region64)
             set_submodule(out, r.path, region64)
+    if paired and form == "installed":
+        dropin.install(out, export_region(regions[0], torch.float64), sealed=False)
     return out
 
 
@@ -229,7 +350,8 @@ def carry_attributes(original: nn.Module, fused: nn.Module) -> None:
 def fuse(model: nn.Module, example_inputs=None, *, rules: Sequence[Rule] | None = None,
          extra_rules: Sequence[Rule] = (), disable: Sequence[str] = (), only: Sequence[str] | None = None,
          verify: bool = True, check: bool = True, tolerance: float = verify_mod.DEFAULT_TOLERANCE,
-         report: bool = False, progress: Callable[..., None] | None = None, _stop_after: int | None = None):
+         report: bool = False, progress: Callable[..., None] | None = None, keep_class: bool = True,
+         _stop_after: int | None = None):
     """Fuse ``model``'s reparameterizable structure; return the deploy module (and a Report if asked).
 
     The input model is never modified: fusion runs on an eval-mode copy. ``example_inputs`` (a tensor or a
@@ -239,9 +361,11 @@ def fuse(model: nn.Module, example_inputs=None, *, rules: Sequence[Rule] | None 
     original (in float64 at ``tolerance``, and as deployed at its dtype's precision) and a mismatch raises
     :class:`VerificationError` naming the rewrite responsible. ``progress``, if given, is called with the name
     of each long step as it starts ('rewrite', 'verify', 'bisect'), and with ``done=``/``total=`` counts if it
-    accepts them.
+    accepts them. With ``keep_class`` (the default) the deploy model is an instance of the model's class with its
+    attributes and methods (docs/design.md, "Drop-in deploy models"); without it, a model traced whole comes back
+    as one fused ``torch.fx.GraphModule``.
     """
-    front = FxFrontEnd(model, example_inputs)
+    front = FxFrontEnd(model, example_inputs, keep_class)
     chosen = select_rules(None if rules is None else list(rules), extra_rules, disable, only)
     return fuse_with(front, Options(chosen, check=check, verify=verify, tolerance=tolerance, report=report,
                                     progress=progress, stop_after=_stop_after))

@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from reparam.core.report import Counts
 from reparam.frontends.fx.capture import eval_mode, has_hooks, structure_copy, trace
+from reparam.frontends.fx.dropin import installed_graph
 
 _ATEN_CONVS = {"convolution", "_convolution", "mkldnn_convolution", "conv_depthwise2d", "slow_conv2d_forward"}
 _ATEN_MATMULS = {"mm", "addmm", "bmm", "baddbmm", "matmul"}
@@ -68,7 +69,9 @@ def count_run(model: nn.Module, inputs: tuple | None) -> Counts:
     except Exception:  # noqa: BLE001 - a model that does not run here is counted from its graph
         return count_model(model)
     c = counter.counts
-    return Counts(c["ops"], c["convs"], c["bns"], c["linears"], count_params(model))
+    runs = installed_graph(model)  # a drop-in model's parameters in use: those of the graph its forward runs
+    return Counts(c["ops"], c["convs"], c["bns"], c["linears"], count_params(model if runs is None else runs))
+
 
 _CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _CONV_FUNCS = {F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d, F.conv_transpose1d,
@@ -82,7 +85,11 @@ def count_params(model: nn.Module) -> int:
 
 
 def count_model(model: nn.Module) -> Counts:
-    """Count calls in the model's FX graph (recursing into fused sub-graphs); modules when untraceable."""
+    """Count calls in the model's FX graph (recursing into fused sub-graphs; for a drop-in model with an
+    installed graph, that graph and its parameters); modules when untraceable."""
+    installed = installed_graph(model)
+    if installed is not None:  # a drop-in model whose forward runs one graph: count that graph
+        model = installed
     try:
         gm = model if isinstance(model, fx.GraphModule) else trace(model)
     except Exception:
@@ -111,3 +118,4 @@ def count_model(model: nn.Module) -> Counts:
         elif isinstance(m, nn.Linear) or (n.op == "call_function" and n.target in _LINEAR_FUNCS):
             c["linears"] += 1
     return Counts(c["ops"], c["convs"], c["bns"], c["linears"], count_params(model))
+
