@@ -2,7 +2,7 @@
 
 Recognized (default domain): Conv (groups, dilations, strides, asymmetric pads, auto_pad), inference
 BatchNormalization, Add/Sub (two data inputs → Sum; a per-axis constant → Affine), Mul/Div by a
-constant, Neg, Concat, Split, single-axis unit-step Slice, Identity, inference Dropout, constant-zero
+constant, Neg, Concat, Split, single-axis unit-step Slice, Transpose (as Permute), Identity, inference Dropout, constant-zero
 Pad, AveragePool, GlobalAveragePool, ReduceMean, Flatten(axis=1), Gemm and MatMul with constant weights.
 Subgraphs ONNX Runtime fuses into one kernel (the erf GELU) stay opaque.
 Control-flow nodes (If/Loop/Scan, any node with a graph attribute) are opaque and their subgraphs are
@@ -33,7 +33,8 @@ from reparam.errors import ReparamError
 from reparam.core.ir import Graph, Node
 from reparam.frontends.onnx.shapes import Shape, infer, value_infos, with_known
 from reparam.core.ops import per_axis
-from reparam.core.ops import (Affine, AvgPool, Cat, Conv, Flatten, Identity, Input, Linear, Mean, Opaque, Pad, Slice, Sum, output_shape)
+from reparam.core.ops import (Affine, AvgPool, Cat, Conv, Flatten, Identity, Input, Linear, Mean, Opaque, Pad, Permute,
+                              Slice, Sum, output_shape)
 
 ONNX_TO_TORCH = {onnx.TensorProto.FLOAT: torch.float32, onnx.TensorProto.FLOAT16: torch.float16,
                  onnx.TensorProto.BFLOAT16: torch.bfloat16, onnx.TensorProto.DOUBLE: torch.float64}
@@ -499,6 +500,18 @@ class OnnxImporter:
 
         start, stop = clamp(starts[0]), clamp(ends[0])
         return Slice(axis, start, max(start, stop)), [x]
+
+    def op_Transpose(self, n):
+        """Transpose(perm) as Permute(perm): output axis k is input axis perm[k] (no perm: the axes reversed)."""
+        x = n.inputs[0]
+        rank = len(self.shapes.get(x.name) or ()) or None
+        if not self.is_data(x) or rank is None:
+            return None
+        perm = _attr(n, "perm")
+        dims = tuple(int(d) % rank for d in perm) if perm is not None else tuple(reversed(range(rank)))
+        if sorted(dims) != list(range(rank)):
+            return None
+        return Permute(dims), [x]
 
     def op_Identity(self, n):
         return (Identity(), [n.inputs[0]]) if self.is_data(n.inputs[0]) else None
