@@ -8,7 +8,7 @@ from collections import Counter
 
 import numpy as np
 import onnx
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 import reparam
@@ -46,7 +46,6 @@ def _fuse(model, x_shape):
     return fused, rep, Counter(n.op_type for n in fused.graph.node)
 
 
-@settings(max_examples=12, deadline=None)
 @given(st.data(), st.sampled_from(["linear", "conv"]), st.booleans())
 def test_affine_after_a_transpose_folds_into_the_layer(data, producer, with_perm):
     """BatchNormalization (as Mul + Add when it is not on axis 1) and a layer scale on the axis the layer's
