@@ -57,17 +57,17 @@ def windows(draw, nd=None, dilated=True, symmetric=False, max_n=9):
 
 def _pool_node(op, ks, strides, pads, ds, ceil, x="x", y="y", cip=0):
     attrs = dict(kernel_shape=ks, strides=strides, pads=pads, ceil_mode=int(ceil))
-    if op == "MaxPool":
+    if op in ("MaxPool", "LpPool"):
         attrs["dilations"] = ds
     else:
         attrs["count_include_pad"] = cip
     return helper.make_node(op, [x], [y], **attrs)
 
 
-def _model(nodes, x_shape, outputs=("y",), inits=()):
+def _model(nodes, x_shape, outputs=("y",), inits=(), opset=17):
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
                           [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs], list(inits))
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
     m.ir_version = 8
     return m
 
@@ -88,7 +88,7 @@ def test_pool_len_is_torchs(w, kind):
     assert list(y.shape[2:]) == want
 
 
-@given(windows(), st.sampled_from(["MaxPool", "AveragePool"]))
+@given(windows(), st.sampled_from(["MaxPool", "AveragePool", "LpPool"]))
 def test_pool_len_and_corrected_inference_are_onnxruntimes(w, op):
     """pool_len with asymmetric pads and dilations is the size ONNX Runtime computes, and so is the size
     reparam's shape inference gives the pool's output and the conv after it."""
@@ -97,7 +97,7 @@ def test_pool_len_and_corrected_inference_are_onnxruntimes(w, op):
     ds = ds if op == "MaxPool" else [1] * nd
     w1 = numpy_helper.from_array(np.ones((1, 1, *[1] * nd), np.float32), "w")
     nodes = [_pool_node(op, ks, strides, pads, ds, ceil), helper.make_node("Conv", ["y", "w"], ["z"])]
-    model = _model(nodes, [1, 1, *sizes], ("y", "z"), [w1])
+    model = _model(nodes, [1, 1, *sizes], ("y", "z"), [w1], opset=18 if op == "LpPool" else 17)
     got = _session(model).run(None, {"x": np.zeros((1, 1, *sizes), np.float32)})
     want = [pool_len(n, pads[i], pads[i + nd], ds[i] * (ks[i] - 1) + 1, strides[i], ceil) for i, n in enumerate(sizes)]
     assert list(got[0].shape[2:]) == want
