@@ -7,6 +7,7 @@ import itertools
 from collections import Counter
 
 import numpy as np
+import pytest
 import onnx
 from hypothesis import given, strategies as st
 from onnx import TensorProto, helper, numpy_helper
@@ -91,3 +92,61 @@ def test_an_affine_off_the_channel_axis_stays_after_the_transpose():
     assert any(r["rule"] == "affine_through_layout" and "channel axis" in r["detail"] for r in rep.refusals)
     assert kinds["Transpose"] == 1 and kinds["Mul"] == 1, kinds
 
+
+
+def _head(target, x_shape=("n", 3, 4, 4)):
+    """x → Conv → Relu → BatchNormalization → Reshape(target) → Gemm: the BatchNorm moves through the
+    flatten into the Gemm (affine_through_pool, bn_prefold) only if the Reshape is seen as a flatten."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("BatchNormalization", ["r", "g", "beta", "mu", "var"], ["b"]),
+             helper.make_node("Reshape", ["b", "shape"], ["f"]),
+             helper.make_node("Gemm", ["f", "W", "B"], ["z"], transB=1)]
+    inits = [_init("w", rng.standard_normal((3, 3, 3, 3))), _init("g", rng.random(3) + 0.5),
+             _init("beta", rng.standard_normal(3)), _init("mu", rng.standard_normal(3)), _init("var", rng.random(3) + 0.5),
+             numpy_helper.from_array(np.asarray(target, dtype=np.int64), "shape"),
+             _init("W", rng.standard_normal((5, 48))), _init("B", rng.standard_normal(5))]
+    return _model(nodes, inits, list(x_shape))
+
+
+def test_a_reshape_that_flattens_is_a_flatten():
+    """Reshape(x, [0, -1]) on a dynamic batch (what a `view(n, -1)` or Paddle's flatten becomes) is Flatten(1, -1):
+    the BatchNorm before it ends in the Gemm, and the written model still takes any batch."""
+    model = _head([0, -1])
+    fused, rep, kinds = _fuse(model, (1, 3, 4, 4))
+    assert kinds["BatchNormalization"] == 0 and rep.fired_counts().get("bn_prefold") == 1, rep.fired_counts()
+    x = np.random.default_rng(1).standard_normal((3, 3, 4, 4)).astype(np.float32)
+    assert relative_error(run_ort(fused, {"x": x}), run_ort(model, {"x": x})) < 1e-5
+
+
+@pytest.mark.parametrize("target", [[1, 48], [-1, 48]], ids=["batch-literal", "batch-inferred"])
+def test_a_reshape_that_is_a_flatten_only_at_one_size_stays(target):
+    """With a dynamic batch, Reshape(x, [1, 48]) is a flatten only for batch 1: it stays opaque (so does
+    [-1, 48], which a stricter reading leaves alone), the BatchNorm stays before it, and the result is exact."""
+    fused, rep, kinds = _fuse(_head(target), (1, 3, 4, 4))
+    assert kinds["Reshape"] == 1 and kinds["BatchNormalization"] + kinds["Mul"] >= 1, kinds
+
+
+@pytest.mark.parametrize("x_shape, target, want", [
+    (("n", 3, 4, 4), [0, -1], (1, 3)), (("n", 3, 4, 4), [0, 3, -1], (2, 3)), (("n", 3, 4, 4), [0, 0, 16], (2, 3)),
+    (("n", 3, 4, 4), [0, 12, 4], (1, 2)), ((2, 3, 4, 4), [2, 48], (1, 3)), (("n", 3, 4, 4), [0, 16, 3], None),
+    (("n", 3, 4, 4), [1, 48], None), (("n", 3, "h", 4), [0, -1], None), (("n", 3, 4, 4), [0, 3, 4, 4], "identity")])
+def test_which_reshapes_are_flattens(x_shape, target, want):
+    """Flatten(s, e) exactly when the Reshape merges one run of static axes and keeps the others for every
+    input size (0 copies an axis in place; a literal must be the axis's static size)."""
+    from reparam.core.ops import Flatten, Identity, Opaque
+    from reparam.frontends.onnx.importer import import_onnx
+    from reparam.frontends.onnx.shapes import resolve_input_shapes, with_input_shapes
+
+    g = helper.make_graph([helper.make_node("Reshape", ["x", "shape"], ["z"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
+                          [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(np.asarray(target, dtype=np.int64), "shape")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    op = import_onnx(model, with_input_shapes(model, resolve_input_shapes(model))).outputs[0].op
+    if want is None:
+        assert isinstance(op, Opaque), op
+    elif want == "identity":
+        assert isinstance(op, Identity), op
+    else:
+        assert isinstance(op, Flatten) and (op.start_dim, op.end_dim) == want, op

@@ -3,7 +3,7 @@
 Recognized (default domain): Conv (groups, dilations, strides, asymmetric pads, auto_pad), inference
 BatchNormalization, Add/Sub (two data inputs → Sum; a per-axis constant → Affine), Mul/Div by a
 constant, Neg, Concat, Split, single-axis unit-step Slice, Transpose (as Permute), Identity, inference Dropout, constant-zero
-Pad, AveragePool, GlobalAveragePool, ReduceMean, Flatten(axis=1), Gemm and MatMul with constant weights.
+Pad, AveragePool, GlobalAveragePool, ReduceMean, Flatten(axis=1), a Reshape merging one run of axes (as Flatten), Gemm and MatMul with constant weights.
 Subgraphs ONNX Runtime fuses into one kernel (the erf GELU) stay opaque.
 Control-flow nodes (If/Loop/Scan, any node with a graph attribute) are opaque and their subgraphs are
 kept untouched; every outer tensor a subgraph reads by name (through nested subgraphs too) counts as an
@@ -591,6 +591,38 @@ class OnnxImporter:
         if not self.is_data(x) or rank is None or int(_attr(n, "axis", 1)) % rank != 1:
             return None
         return Flatten(1, -1), [x]
+
+    def op_Reshape(self, n):
+        """A Reshape that merges one run of axes [s, e] and keeps every other axis is Flatten(s, e) (as the ATen
+        view is), where that holds for every input size: the merged axes are static in the original, and each
+        kept axis is copied (0) or given as its static size; the merged one is -1 or the product. A Reshape
+        that changes nothing is Identity."""
+        x = n.inputs[0]
+        target = self.const(n.inputs[1]) if len(n.inputs) > 1 else None
+        src, dst = self.shape(x.name), self.shape(n.outputs[0].name)
+        static = self.static.get(x.name)
+        if not self.is_data(x) or target is None or src is None or dst is None or static is None:
+            return None
+        target = [int(v) for v in np.ravel(target)]
+        if len(static) != len(src) or len(target) != len(dst) or (_attr(n, "allowzero", 0) and 0 in target):
+            return None
+
+        def kept(k: int, j: int) -> bool:  # output axis j copies input axis k for every input size
+            return target[j] == 0 and j == k or (static[k] is not None and target[j] == static[k])
+        if tuple(src) == tuple(dst):
+            return (Identity(), [x]) if all(kept(k, k) or (target[k] == -1 and static[k] is not None)
+                                            for k in range(len(src))) else None
+        for s in range(len(src)):
+            for e in range(s + 1, len(src)):
+                if tuple(src[:s]) + (int(np.prod(src[s:e + 1])),) + tuple(src[e + 1:]) != tuple(dst):
+                    continue
+                merged = static[s:e + 1]
+                if any(d is None for d in merged) or target[s] not in (-1, int(np.prod(merged))):
+                    return None
+                if all(kept(k, k) for k in range(s)) and all(kept(k, k - (e - s)) for k in range(e + 1, len(src))):
+                    return Flatten(s, e), [x]
+                return None
+        return None
 
     def op_Gemm(self, n):
         x, b = n.inputs[0], self.const(n.inputs[1])
