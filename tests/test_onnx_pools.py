@@ -200,3 +200,50 @@ def test_auto_padded_pools_are_sized_as_onnxruntime_does(w, op, auto_pad):
         return
     inferred, _ = shapes.value_infos(shapes.infer(model))
     assert inferred["y"] == got.shape, (nd, inferred["y"], got.shape)
+
+
+@given(windows(dilated=False), st.booleans(), st.integers(0, 2 ** 16))
+def test_imported_average_pools_are_onnxruntimes(w, cip, seed):
+    """An AveragePool (ceil_mode too) is the core AvgPool when its pads are symmetric and at most half the kernel
+    (torch's domain), and then AvgPool.evaluate is what onnxruntime computes; otherwise it stays opaque."""
+    from reparam.core.ops import Opaque
+    from reparam.frontends.onnx.importer import import_onnx
+
+    sizes, ks, strides, pads, _, ceil = w
+    nd = len(ks)
+    model = _model([_pool_node("AveragePool", ks, strides, pads, [1] * nd, ceil, cip=int(cip))], [1, 2, *sizes])
+    op = import_onnx(model, shapes.with_input_shapes(model, shapes.resolve_input_shapes(model))).outputs[0].op
+    torch_like = pads[:nd] == pads[nd:] and all(2 * p <= k for p, k in zip(pads, ks))
+    if not torch_like:
+        assert isinstance(op, Opaque)
+        return
+    assert isinstance(op, AvgPool) and op.ceil_mode == ceil and op.count_include_pad == cip
+    x = torch.randn(1, 2, *sizes, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    want = _session(model).run(None, {"x": x.float().numpy()})[0]
+    np.testing.assert_allclose(op.evaluate(x).numpy(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_new_ceil_mode_avg_pool_is_written_with_ceil_mode():
+    """A rule that writes a new ceil-mode AvgPool (a scalar moved before the pool) gets an AveragePool with
+    ceil_mode=1, checked by the exporter against AvgPool's own semantics, and the model stays exact."""
+    from reparam.core.ops import Affine
+    from reparam.core.pattern import P, X
+    from reparam.core.rule import rule
+
+    @rule(P(Affine, P(AvgPool, X("x"), name="pool"), name="a", where=lambda op: op.is_scalar and op.shift is None))
+    def scalar_before_pool(x, pool, a):
+        """s·pool(x) = pool(s·x): a scalar scale commutes with averaging (any windows)."""
+        return pool.op(a.op(x))
+
+    scale = numpy_helper.from_array(np.float32(0.5), "s")
+    nodes = [_pool_node("AveragePool", [3, 3], [2, 2], [1, 1, 1, 1], [1, 1], True, y="p", cip=1),
+             helper.make_node("Mul", ["p", "s"], ["y"])]
+    model = _model(nodes, [1, 2, 8, 8], inits=[scale])
+    model = onnx.shape_inference.infer_shapes(model)
+    fused, rep = reparam.fuse_onnx(model, rules=[scalar_before_pool], report=True)
+    assert rep.fired_counts() == {"scalar_before_pool": 1} and rep.verification.passed
+    pool = next(n for n in fused.graph.node if n.op_type == "AveragePool")
+    assert {a.name: a.i for a in pool.attribute if a.name in ("ceil_mode", "count_include_pad")} == {
+        "ceil_mode": 1, "count_include_pad": 1}
+    x = np.random.default_rng(0).standard_normal((1, 2, 8, 8)).astype(np.float32)
+    assert relative_error(_session(fused).run(None, {"x": x}), _session(model).run(None, {"x": x})) < 1e-6

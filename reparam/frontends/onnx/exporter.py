@@ -471,10 +471,12 @@ def _emit_pad(ctx: OnnxExporter, n: Node, op: Pad, xs, out):
 @vocab.onnx_emitter(AvgPool)
 def _emit_avg_pool(ctx: OnnxExporter, n: Node, op: AvgPool, xs, out):
     base = n.name or "fused"
-    if op.divisor_override is not None or op.ceil_mode:
-        raise ReparamError(f"'{base}': this AvgPool has no ONNX AveragePool form")
+    if op.divisor_override is not None or (op.ceil_mode and ctx.opset < 10):
+        raise ReparamError(f"'{base}': this AvgPool has no ONNX AveragePool form at opset {ctx.opset}")
     attrs = dict(kernel_shape=list(op.kernel_size), strides=list(op.stride), pads=list(op.padding) * 2,
                  count_include_pad=int(op.count_include_pad))
+    if op.ceil_mode:
+        attrs["ceil_mode"] = 1
     return ctx.node("AveragePool", base, [xs[0]], attrs, out)
 
 

@@ -551,15 +551,20 @@ class OnnxImporter:
         return Pad(tuple(pairs[first:])), [x]
 
     def op_AveragePool(self, n):
+        """AveragePool with symmetric pads of at most half the kernel (what AvgPool's torch semantics take),
+        ceil_mode included: onnxruntime sizes and divides its windows as torch does (tests/test_onnx_pools.py)."""
         x = n.inputs[0]
         ks = tuple(_attr(n, "kernel_shape"))
         nd = len(ks)
-        if not self.is_data(x) or _attr(n, "ceil_mode", 0) or any(d != 1 for d in _attr(n, "dilations", [1] * nd)):
+        if not self.is_data(x) or any(d != 1 for d in _attr(n, "dilations", [1] * nd)):
+            return None
+        ceil = bool(_attr(n, "ceil_mode", 0))
+        if ceil and _attr(n, "auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
             return None
         pads = self.auto_pads(n, x.name, tuple(_attr(n, "strides", [1] * nd)), ks)
-        if pads is None or any(lo != hi for lo, hi in pads):
+        if pads is None or any(lo != hi or 2 * lo > k for (lo, hi), k in zip(pads, ks)):
             return None
-        return AvgPool(ks, tuple(_attr(n, "strides", [1] * nd)), tuple(lo for lo, _ in pads), False,
+        return AvgPool(ks, tuple(_attr(n, "strides", [1] * nd)), tuple(lo for lo, _ in pads), ceil,
                        bool(_attr(n, "count_include_pad", 0))), [x]
 
     def op_GlobalAveragePool(self, n):
