@@ -80,6 +80,18 @@ def session(model: onnx.ModelProto):
     return lambda feeds: sess.run(None, {k: v for k, v in feeds.items() if k in names})
 
 
+def rotated_latencies(runs: list, feeds: dict, rounds: int) -> list[float]:
+    """Median seconds per call of each session, interleaved, the order rotated every round: the slot right after
+    the (bigger) original runs on colder caches, which alone moved a model by up to 5% against an identical one."""
+    samples: list[list[float]] = [[] for _ in runs]
+    for r in range(rounds):
+        order = [(r + k) % len(runs) for k in range(len(runs))]
+        lat = latencies([runs[k] for k in order], feeds, threads=1, rounds=1, inner=2, warmup=3 if r == 0 else 0)
+        for k, t in zip(order, lat):
+            samples[k].append(t)
+    return [float(np.median(s)) for s in samples]
+
+
 def counts(model: onnx.ModelProto) -> tuple[int, int]:
     ops = Counter(n.op_type for n in model.graph.node)
     return len(model.graph.node), sum(k for op, k in ops.items() if op not in NOT_COMPUTE)
@@ -117,7 +129,7 @@ def bench(label: str, model: onnx.ModelProto, options: dict, rounds: int) -> dic
     runs = [session(m) for m in models]
     want = runs[0](feeds)
     errors = [relative_error(r(feeds), want) for r in runs[1:]]
-    lat = latencies(runs, feeds, threads=1, rounds=rounds, inner=2)
+    lat = rotated_latencies(runs, feeds, rounds)
     return dict(label=label, counts=[counts(m) for m in models], latency=lat, errors=errors, seconds=seconds,
                 fired=sum(rep.fired_counts().values()), sim=sim is not None, sim_note=sim_note,
                 fp64=rep.verification.error_fp64, native=rep.verification.error_native)
@@ -163,7 +175,8 @@ def section(rows: list[dict], rounds: int, started: float, load0: float) -> str:
         "fed what the packages feed (VAD: 512 samples, state 2×1×128, sample rate 16000; OCR detection 320×320, "
         "recognition 48×320, direction 48×192). Compute nodes: nodes other than Constant, Identity, Shape and Cast. "
         f"ORT latency: CPUExecutionProvider, ORT_ENABLE_ALL, 1 intra-op thread, spinning off, batch 1, median over "
-        f"{rounds} rounds in which the models run alternately (2 calls each), ratios within the same run. "
+        f"{rounds} rounds in which the models run alternately (2 calls each, the order rotated every round), ratios "
+        f"within the same run; on a shared machine a ratio moves by a few percent between runs. "
         "'(initializers as inputs)' is the file rewritten with every initializer listed as a graph input (as "
         "`keep_initializers_as_inputs` exports write them), fused with `freeze_initializer_inputs=True` "
         "(`--freeze-inputs`); without it those initializers are overridable inputs and nothing is folded. "

@@ -289,11 +289,9 @@ class AvgPool(Op):
         return fn(x, self.kernel_size, self.stride, self.padding, self.ceil_mode, self.count_include_pad, **kw)
 
     def output_shape(self, shapes):
-        if self.ceil_mode:
-            return None
         x = shapes[0]
-        spatial = tuple(_conv_len(n, p, p, k, s) for n, k, s, p in zip(x[2:], self.kernel_size, self.stride,
-                                                                        self.padding))
+        spatial = tuple(pool_len(n, p, p, k, s, self.ceil_mode) for n, k, s, p in zip(x[2:], self.kernel_size,
+                                                                                       self.stride, self.padding))
         return (*x[:2], *spatial)
 
     shrinkable = True
@@ -463,6 +461,18 @@ def broadcast_shapes(shapes) -> tuple[int, ...] | None:
 
 def _conv_len(n: int, lo: int, hi: int, extent: int, stride: int) -> int:
     return (n + lo + hi - extent) // stride + 1
+
+
+def pool_len(n: int, lo: int, hi: int, extent: int, stride: int, ceil_mode: bool = False) -> int:
+    """Output length of a pooling window of ``extent`` (dilation·(k−1)+1) sliding by ``stride`` over ``n`` values
+    padded by ``lo``/``hi``: ⌊(n + lo + hi − extent) / stride⌋ + 1, or with ``ceil_mode`` ⌈…⌉ + 1 less the last
+    window when it would start past the input and the left padding ((out − 1)·stride ≥ n + lo). That rule is
+    PyTorch's and ONNX Runtime's; ONNX shape inference (onnx 1.23) leaves it out."""
+    span = n + lo + hi - extent
+    if not ceil_mode:
+        return span // stride + 1
+    out = -(-span // stride) + 1
+    return out - 1 if (out - 1) * stride >= n + lo else out
 
 
 def _vector_or_value(t: torch.Tensor):

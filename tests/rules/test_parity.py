@@ -59,9 +59,13 @@ CASES = {
                                                      nn.BatchNorm2d(4)), (1, 4, 5, 5), 1),
     "parallel_conv_transpose": (lambda: Fn(lambda s, x: s.a(x) + s.b(x), a=nn.ConvTranspose2d(4, 4, 4, 2, 1),
                                            b=nn.ConvTranspose2d(4, 4, 2, 2, 0)), (1, 4, 5, 5), 1),
+    # ConvNeXt's Linear over [N, H, W, C] → permute(0, 3, 1, 2) → BatchNorm: on ONNX MatMul + Add → Transpose →
+    # BatchNormalization, the Transpose read as Permute
+    "affine_through_layout": (lambda: Fn(lambda s, x: s.bn(s.fc(x).permute(0, 3, 1, 2)), fc=nn.Linear(4, 6),
+                                         bn=nn.BatchNorm2d(6)), (2, 5, 5, 4), 1),
 }
 # rules whose ops the ONNX front end does not recognize yet, with the reason
-FX_ONLY = {"affine_through_layout": "the ONNX importer reads Transpose as opaque (no Permute recognizer yet)"}
+FX_ONLY: dict[str, str] = {}
 
 
 def test_every_builtin_rule_has_a_parity_case():

@@ -11,12 +11,13 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import torch
+import torch.nn.functional as F
 from onnx import numpy_helper
 
 from reparam.errors import ReparamError
 from reparam.core.ir import Graph, Node
 from reparam.frontends.onnx.importer import OnnxOrigin, _array, node_proto, node_reference
-from reparam.core.ops import Input, Opaque
+from reparam.core.ops import Input, Opaque, pool_len
 
 
 _DIRECT = {"Erf": torch.special.erf, "Relu": torch.relu, "Sigmoid": torch.sigmoid, "Tanh": torch.tanh,
@@ -91,7 +92,10 @@ class _Evaluator:
                     raise ReparamError(f"'{n.name}': input '{t.name}' is not available for the float64 check")
             xs = [feeds.get(t.name) for t in o.node.inputs]
             direct = _DIRECT.get(o.node.op)
-            if direct is not None and not o.node.attrs and all(x is not None and x.dtype == np.float64 for x in xs):
+            pooled = _pool(o.node, xs[0]) if o.node.op in ("MaxPool", "AveragePool") and xs else None
+            if pooled is not None:
+                self.runs[key] = [pooled.numpy(), None]
+            elif direct is not None and not o.node.attrs and all(x is not None and x.dtype == np.float64 for x in xs):
                 self.runs[key] = [direct(*[torch.from_numpy(x) for x in xs]).numpy()]
             else:
                 cache = self.g.meta.setdefault("onnx_reference", {})
@@ -130,6 +134,53 @@ class _Evaluator:
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)])
         results = ReferenceEvaluator(model).run(None, feeds)
         return dict(zip([t for t in proto.output if t], results))
+
+
+def _pool(node: gs.Node, x: np.ndarray | None) -> torch.Tensor | None:
+    """MaxPool / AveragePool (output 0) in float64 as ONNX Runtime computes it, or None to leave the node to
+    ``onnx.reference`` (whose AveragePool is wrong in ceil mode: it averages the wrong windows).
+
+    The input is padded explicitly, at the end by as much more as the ceil mode's last partial window overhangs
+    (:func:`reparam.core.ops.pool_len`: a window starting in the right padding is dropped), with −∞ for a max and
+    zeros for an average, whose divisor counts the input (and the pads with ``count_include_pad``), never the
+    overhang. Explicit pads only, each smaller than the window."""
+    a = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in node.attrs.items()}
+    ks = list(a.get("kernel_shape") or [])
+    nd = len(ks)
+    if (x is None or x.dtype != np.float64 or not nd or x.ndim != nd + 2 or a.get("auto_pad", "NOTSET") != "NOTSET"
+            or (len(node.outputs) > 1 and node.outputs[1].name) or a.get("storage_order", 0) or nd > 3):
+        return None
+    strides = list(a.get("strides") or [1] * nd)
+    dilations = list(a.get("dilations") or [1] * nd)
+    pads = list(a.get("pads") or [0] * (2 * nd))
+    extents = [d * (k - 1) + 1 for d, k in zip(dilations, ks)]
+    if node.op == "AveragePool" and any(d != 1 for d in dilations):
+        return None
+    if any(p >= e for p, e in zip(pads, extents + extents)):
+        return None
+    ceil = bool(a.get("ceil_mode", 0))
+    sizes = x.shape[2:]
+    outs = [pool_len(n, pads[i], pads[i + nd], extents[i], strides[i], ceil) for i, n in enumerate(sizes)]
+    over = [max((o - 1) * s + e - (n + pads[i] + pads[i + nd]), 0)
+            for i, (o, s, e, n) in enumerate(zip(outs, strides, extents, sizes))]
+    t = torch.from_numpy(x)
+    widths = [w for i in reversed(range(nd)) for w in (pads[i], pads[i + nd] + over[i])]
+    if node.op == "MaxPool":
+        padded = F.pad(t, widths, value=float("-inf"))
+        fn = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[nd - 1]
+        y = fn(padded, ks, strides, 0, dilations)
+        if bool(torch.isinf(y).any()) and not bool(torch.isinf(t).any()):
+            return None  # a dilated window that sees padding only: ONNX Runtime gives its dtype's lowest value
+    else:
+        ones = torch.ones((1, 1, *sizes), dtype=torch.float64)
+        if a.get("count_include_pad", 0):
+            ones = F.pad(ones, [w for i in reversed(range(nd)) for w in (pads[i], pads[i + nd])], value=1.0)
+            ones = F.pad(ones, [w for i in reversed(range(nd)) for w in (0, over[i])])
+        else:
+            ones = F.pad(ones, widths)
+        fn = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[nd - 1]
+        y = fn(F.pad(t, widths), ks, strides) / fn(ones, ks, strides)
+    return y if tuple(y.shape[2:]) == tuple(outs) else None
 
 
 def evaluate_f64(g: Graph, feeds: dict[str, np.ndarray], opset: int) -> list[np.ndarray]:

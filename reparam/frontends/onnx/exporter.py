@@ -7,7 +7,7 @@ outputs the graph reads (an omitted optional input included). Values the graph m
 nodes, shape arithmetic on static dims) are written as initializers, not nodes. IR versions below 4 require
 every initializer to be a graph input: there new tensors are written as Constant nodes instead, so the
 interface is unchanged.  new ops become Conv/Gemm/MatMul/Mul/Add/Sub/Concat/Slice/Pad/
-AveragePool/ReduceMean/Flatten nodes whose tensors live in NEW uniquely named initializers cast to
+AveragePool/ReduceMean/Flatten/Transpose nodes whose tensors live in NEW uniquely named initializers cast to
 the op's dtype (an existing initializer is never edited: several nodes may share it). Graph inputs,
 outputs (names, order, types), opset, IR version, producer, functions and metadata are the original's.
 
@@ -32,8 +32,8 @@ from reparam.core.checks import check_shapes, random_input
 from reparam.errors import ExportError, ReparamError
 from reparam.core.ir import Graph, Node
 from reparam.frontends.onnx.importer import OnnxOrigin, subgraph_names
-from reparam.core.ops import (Affine, AvgPool, Cat, Conv, Flatten, Identity, Input, Linear, Mean, Opaque, Pad, Slice,
-                              Sum)
+from reparam.core.ops import (Affine, AvgPool, Cat, Conv, Flatten, Identity, Input, Linear, Mean, Opaque, Pad, Permute,
+                              Slice, Sum)
 
 _NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64}
 _TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}  # of the self-check, by deploy dtype (else 1e-2)
@@ -471,10 +471,12 @@ def _emit_pad(ctx: OnnxExporter, n: Node, op: Pad, xs, out):
 @vocab.onnx_emitter(AvgPool)
 def _emit_avg_pool(ctx: OnnxExporter, n: Node, op: AvgPool, xs, out):
     base = n.name or "fused"
-    if op.divisor_override is not None or op.ceil_mode:
-        raise ReparamError(f"'{base}': this AvgPool has no ONNX AveragePool form")
+    if op.divisor_override is not None or (op.ceil_mode and ctx.opset < 10):
+        raise ReparamError(f"'{base}': this AvgPool has no ONNX AveragePool form at opset {ctx.opset}")
     attrs = dict(kernel_shape=list(op.kernel_size), strides=list(op.stride), pads=list(op.padding) * 2,
                  count_include_pad=int(op.count_include_pad))
+    if op.ceil_mode:
+        attrs["ceil_mode"] = 1
     return ctx.node("AveragePool", base, [xs[0]], attrs, out)
 
 
@@ -510,6 +512,11 @@ def _emit_flatten(ctx: OnnxExporter, n: Node, op: Flatten, xs, out):
         return ctx.node("Flatten", base, [xs[0]], dict(axis=1), out)
     shape = [0] * s + [-1] + list(n.inputs[0].shape[e + 1:])
     return ctx.node("Reshape", base, [xs[0], ctx.ints(f"{base}.shape", shape)], None, out)
+
+
+@vocab.onnx_emitter(Permute)
+def _emit_permute(ctx: OnnxExporter, n: Node, op: Permute, xs, out):
+    return ctx.node("Transpose", n.name or "fused", [xs[0]], dict(perm=list(op.dims)), out)
 
 
 @vocab.onnx_emitter(Identity)

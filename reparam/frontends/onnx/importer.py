@@ -2,8 +2,8 @@
 
 Recognized (default domain): Conv (groups, dilations, strides, asymmetric pads, auto_pad), inference
 BatchNormalization, Add/Sub (two data inputs → Sum; a per-axis constant → Affine), Mul/Div by a
-constant, Neg, Concat, Split, single-axis unit-step Slice, Identity, inference Dropout, constant-zero
-Pad, AveragePool, GlobalAveragePool, ReduceMean, Flatten(axis=1), Gemm and MatMul with constant weights.
+constant, Neg, Concat, Split, single-axis unit-step Slice, Transpose (as Permute), Identity, inference Dropout, constant-zero
+Pad, AveragePool, GlobalAveragePool, ReduceMean, Flatten(axis=1), a Reshape merging one run of axes (as Flatten), Gemm and MatMul with constant weights.
 Subgraphs ONNX Runtime fuses into one kernel (the erf GELU) stay opaque.
 Control-flow nodes (If/Loop/Scan, any node with a graph attribute) are opaque and their subgraphs are
 kept untouched; every outer tensor a subgraph reads by name (through nested subgraphs too) counts as an
@@ -32,8 +32,8 @@ import reparam.rules  # noqa: F401  (the built-in op kinds beyond the core vocab
 from reparam.errors import ReparamError
 from reparam.core.ir import Graph, Node
 from reparam.frontends.onnx.shapes import Shape, infer, value_infos, with_known
-from reparam.core.ops import (Affine, AvgPool, Cat, Conv, Flatten, Identity, Input, Linear, Mean, Opaque, Pad, Slice, Sum,
-                              output_shape, per_axis)
+from reparam.core.ops import (Affine, AvgPool, Cat, Conv, Flatten, Identity, Input, Linear, Mean, Opaque, Pad, Permute,
+                              Slice, Sum, output_shape, per_axis)
 
 ONNX_TO_TORCH = {onnx.TensorProto.FLOAT: torch.float32, onnx.TensorProto.FLOAT16: torch.float16,
                  onnx.TensorProto.BFLOAT16: torch.bfloat16, onnx.TensorProto.DOUBLE: torch.float64}
@@ -500,6 +500,18 @@ class OnnxImporter:
         start, stop = clamp(starts[0]), clamp(ends[0])
         return Slice(axis, start, max(start, stop)), [x]
 
+    def op_Transpose(self, n):
+        """Transpose(perm) as Permute(perm): output axis k is input axis perm[k] (no perm: the axes reversed)."""
+        x = n.inputs[0]
+        rank = len(self.shapes.get(x.name) or ()) or None
+        if not self.is_data(x) or rank is None:
+            return None
+        perm = _attr(n, "perm")
+        dims = tuple(int(d) % rank for d in perm) if perm is not None else tuple(reversed(range(rank)))
+        if sorted(dims) != list(range(rank)):
+            return None
+        return Permute(dims), [x]
+
     def op_Identity(self, n):
         return (Identity(), [n.inputs[0]]) if self.is_data(n.inputs[0]) else None
 
@@ -538,15 +550,20 @@ class OnnxImporter:
         return Pad(tuple(pairs[first:])), [x]
 
     def op_AveragePool(self, n):
+        """AveragePool with symmetric pads of at most half the kernel (what AvgPool's torch semantics take),
+        ceil_mode included: onnxruntime sizes and divides its windows as torch does (tests/test_onnx_pools.py)."""
         x = n.inputs[0]
         ks = tuple(_attr(n, "kernel_shape"))
         nd = len(ks)
-        if not self.is_data(x) or _attr(n, "ceil_mode", 0) or any(d != 1 for d in _attr(n, "dilations", [1] * nd)):
+        if not self.is_data(x) or any(d != 1 for d in _attr(n, "dilations", [1] * nd)):
+            return None
+        ceil = bool(_attr(n, "ceil_mode", 0))
+        if ceil and _attr(n, "auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
             return None
         pads = self.auto_pads(n, x.name, tuple(_attr(n, "strides", [1] * nd)), ks)
-        if pads is None or any(lo != hi for lo, hi in pads):
+        if pads is None or any(lo != hi or 2 * lo > k for (lo, hi), k in zip(pads, ks)):
             return None
-        return AvgPool(ks, tuple(_attr(n, "strides", [1] * nd)), tuple(lo for lo, _ in pads), False,
+        return AvgPool(ks, tuple(_attr(n, "strides", [1] * nd)), tuple(lo for lo, _ in pads), ceil,
                        bool(_attr(n, "count_include_pad", 0))), [x]
 
     def op_GlobalAveragePool(self, n):
@@ -578,6 +595,38 @@ class OnnxImporter:
         if not self.is_data(x) or rank is None or int(_attr(n, "axis", 1)) % rank != 1:
             return None
         return Flatten(1, -1), [x]
+
+    def op_Reshape(self, n):
+        """A Reshape that merges one run of axes [s, e] and keeps every other axis is Flatten(s, e) (as the ATen
+        view is), where that holds for every input size: the merged axes are static in the original, and each
+        kept axis is copied (0) or given as its static size; the merged one is -1 or the product. A Reshape
+        that changes nothing is Identity."""
+        x = n.inputs[0]
+        target = self.const(n.inputs[1]) if len(n.inputs) > 1 else None
+        src, dst = self.shape(x.name), self.shape(n.outputs[0].name)
+        static = self.static.get(x.name)
+        if not self.is_data(x) or target is None or src is None or dst is None or static is None:
+            return None
+        target = [int(v) for v in np.ravel(target)]
+        if len(static) != len(src) or len(target) != len(dst) or (_attr(n, "allowzero", 0) and 0 in target):
+            return None
+
+        def kept(k: int, j: int) -> bool:  # output axis j copies input axis k for every input size
+            return target[j] == 0 and j == k or (static[k] is not None and target[j] == static[k])
+        if tuple(src) == tuple(dst):
+            return (Identity(), [x]) if all(kept(k, k) or (target[k] == -1 and static[k] is not None)
+                                            for k in range(len(src))) else None
+        for s in range(len(src)):
+            for e in range(s + 1, len(src)):
+                if tuple(src[:s]) + (int(np.prod(src[s:e + 1])),) + tuple(src[e + 1:]) != tuple(dst):
+                    continue
+                merged = static[s:e + 1]
+                if any(d is None for d in merged) or target[s] not in (-1, int(np.prod(merged))):
+                    return None
+                if all(kept(k, k) for k in range(s)) and all(kept(k, k - (e - s)) for k in range(e + 1, len(src))):
+                    return Flatten(s, e), [x]
+                return None
+        return None
 
     def op_Gemm(self, n):
         x, b = n.inputs[0], self.const(n.inputs[1])
