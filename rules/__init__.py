@@ -13,6 +13,7 @@ from reparam.rules.affine_through_pool import affine_through_pool
 from reparam.rules.avgpool_to_conv import avgpool_to_conv
 from reparam.rules.bn_prefold import bn_prefold
 from reparam.rules.concat_affine_split import concat_affine_split
+from reparam.rules.const_pad_commute import const_pad_commute
 from reparam.rules.conv_bn_fold import conv_bn_fold
 from reparam.rules.conv_transpose_bn_fold import conv_transpose_bn_fold
 from reparam.rules.dilated_to_dense import dilated_to_dense
@@ -34,6 +35,7 @@ DEFAULT_RULES = [
     pad_fold,
     conv_bn_fold,
     conv_transpose_bn_fold,
+    const_pad_commute,
     affine_before_flatten,
     affine_through_layout,
     affine_merge,

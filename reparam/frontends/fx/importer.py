@@ -70,6 +70,7 @@ class FxImporter:
         self.const_dtypes: dict[fx.Node, torch.dtype] = {}  # a folded float constant's dtype in the model
         self.native: dict[fx.Node, Any] = {}  # a folded float constant as the model computes it
         self.notes: list[str] = []
+        self.anew: set[fx.Node] = set()  # recognized through intermediate nodes: no source node to copy
 
     # --- constants -------------------------------------------------------------------------
     def const(self, a) -> Any:
@@ -83,6 +84,11 @@ class FxImporter:
     def shape(self, a) -> tuple[int, ...] | None:
         """The traced shape of a node argument (None when unknown)."""
         return fx_shape(a) if isinstance(a, fx.Node) else None
+
+    def written_anew(self, n: fx.Node) -> None:
+        """Mark ``n``'s op as read through intermediate nodes (its data inputs are not ``n``'s own): the deploy
+        graph writes it from the op (its emitter) rather than copying ``n``, which reads those nodes."""
+        self.anew.add(n)
 
     def note(self, message: str) -> None:
         """A note for the report on why something was left as is."""
@@ -180,7 +186,11 @@ class FxImporter:
         if found is None:
             return self.opaque(n)
         op, data = found
-        return self._node(op, n, data, name=n.target if n.op == "call_module" else None)
+        node = self._node(op, n, data, name=n.target if n.op == "call_module" else None)
+        if n in self.anew:  # named after the module that wrote it, not after its last intermediate node
+            node.origin = None
+            node.name = node.name[:-len(n.name) - 1] if node.name.endswith("." + n.name) else node.name
+        return node
 
     def module(self, n: fx.Node):
         m = self.modules[n.target]
