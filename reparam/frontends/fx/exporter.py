@@ -159,7 +159,7 @@ class FxExporter:
     def emit(self, n: Node) -> fx.Node:
         if isinstance(n.origin, FxOrigin):
             o = n.origin
-            if isinstance(n.op, Slice) and o.node.target is operator.getitem:
+            if isinstance(n.op, Slice) and o.node.target is operator.getitem and isinstance(o.node.args[1], int):
                 return self.emit_split_item(n)
             mapping = {old: self.env[new.id] for old, new in zip(o.inputs, n.inputs)}
             if o.node.op in ("placeholder", "get_attr") and o.node in self.copied:

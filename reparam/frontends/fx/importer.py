@@ -447,6 +447,35 @@ def _getitem_function(ctx: FxImporter, n, args, kwargs):
     return ctx.getitem(n)
 
 
+@vocab.fx_function(operator.getitem)
+def _crop_function(ctx: FxImporter, n, args, kwargs):
+    """x[:, :, a:b] / x[..., a:b]: slices with unit step that narrow one axis of a known shape, as a Slice."""
+    x, index = args
+    shape = ctx.shape(x)
+    if shape is None or ctx.const(x) is not None or not isinstance(x, fx.Node):
+        return None
+    index = index if isinstance(index, tuple) else (index,)
+    if index.count(Ellipsis) > 1 or not all(isinstance(i, slice) or i is Ellipsis for i in index):
+        return None
+    if Ellipsis in index:
+        k = index.index(Ellipsis)
+        index = index[:k] + (slice(None),) * (len(shape) - len(index) + 1) + index[k + 1:]
+    if len(index) > len(shape):
+        return None
+    narrowed = []
+    for dim, s in enumerate(index):
+        if not all(v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in (s.start, s.stop, s.step)):
+            return None
+        start, stop, step = s.indices(shape[dim])
+        if step != 1:
+            return None
+        if (start, stop) != (0, shape[dim]):
+            narrowed.append(Slice(dim, start, max(start, stop)))
+    if len(narrowed) > 1:
+        return None  # one IR op per node: a crop of several axes stays opaque here (the ATen capture splits it)
+    return (narrowed[0] if narrowed else Identity()), [x]
+
+
 @vocab.fx_function(torch.flatten)
 def _flatten_function(ctx: FxImporter, n, args, kwargs):
     a = dict(zip(("input", "start_dim", "end_dim"), args), **kwargs)
