@@ -593,7 +593,10 @@ def test_affine_before_flatten(fn, words):
 # negative tests that sit beside their op kind's other tests: rule -> (file, test)
 ELSEWHERE = {"conv_transpose_bn_fold": ("test_conv_transpose.py", "test_trap_bn_without_running_statistics_is_not_folded"),
              "parallel_conv_transpose": ("test_conv_transpose.py", "test_trap_misaligned_crops_are_refused_with_a_reason"),
-             "affine_through_layout": ("test_layout_rules.py", "test_affine_through_layout_leaves_what_it_cannot_prove")}
+             "affine_through_layout": ("test_layout_rules.py", "test_affine_through_layout_leaves_what_it_cannot_prove"),
+             "const_pad_commute": ("rules/test_const_pad_commute.py",
+                                   "test_const_pad_commute_refuses_values_that_are_not_the_bias"),
+             "crop_as_pad": ("rules/test_crop_as_pad.py", "test_crop_as_pad_refuses_a_crop_the_conv_pads_again")}
 
 
 def test_every_builtin_rule_has_a_negative_test():

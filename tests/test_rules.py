@@ -538,7 +538,8 @@ TESTED = {"identity_elim", "sum_flatten", "pad_fold", "conv_bn_fold", "affine_me
           "affine_before_flatten", "affine_through_layout"}
 
 
-ELSEWHERE = {"conv_transpose_bn_fold": "tests/test_conv_transpose.py", "parallel_conv_transpose": "tests/test_conv_transpose.py"}
+ELSEWHERE = {"conv_transpose_bn_fold": "tests/test_conv_transpose.py", "parallel_conv_transpose": "tests/test_conv_transpose.py",
+             "const_pad_commute": "tests/rules/test_const_pad_commute.py", "crop_as_pad": "tests/rules/test_crop_as_pad.py"}
 
 
 def test_every_builtin_rule_has_a_property_test():
