@@ -10,91 +10,10 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
+from examples.authors.blocks import BNAndPad, DiverseBranchBlock, border_write, bn_shift
 from reparam.testing import assert_equivalent, assert_refuses, count_ops, randomize_params
 
 RTOL = 1e-9
-
-
-def bn_shift(bn: nn.BatchNorm2d) -> torch.Tensor:
-    """What an inference BN gives for a zero input (DBB's pad_values)."""
-    return bn.bias.detach() - bn.running_mean * bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
-
-
-def border_write(out: torch.Tensor, p: int, values: torch.Tensor) -> torch.Tensor:
-    """Zero-pad by p, then write ``values`` (per channel) into the four borders, as DBB's BNAndPadLayer does."""
-    out = F.pad(out, [p] * 4)
-    v = values.view(1, -1, 1, 1)
-    out[:, :, 0:p, :] = v
-    out[:, :, -p:, :] = v
-    out[:, :, :, 0:p] = v
-    out[:, :, :, -p:] = v
-    return out
-
-
-class BNAndPad(nn.Module):
-    """DBB's BNAndPadLayer: BN, then pad with what the BN gives for a zero input (``values`` overrides that)."""
-
-    def __init__(self, channels: int, p: int, values=None):
-        super().__init__()
-        self.bn, self.p, self.values = nn.BatchNorm2d(channels), p, values
-
-    def forward(self, x):
-        out = self.bn(x)
-        if self.p == 0:
-            return out
-        return border_write(out, self.p, bn_shift(self.bn) if self.values is None else self.values(self.bn))
-
-
-class IdentityBasedConv1x1(nn.Conv2d):
-    """DBB's 1×1 conv whose kernel is its weight plus the identity, built in forward."""
-
-    def __init__(self, channels: int, groups: int = 1):
-        super().__init__(channels, channels, 1, 1, 0, groups=groups, bias=False)
-        per = channels // groups
-        ident = torch.zeros(channels, per, 1, 1)
-        for i in range(channels):
-            ident[i, i % per] = 1
-        self.register_buffer("id_tensor", ident)
-        nn.init.zeros_(self.weight)
-
-    def forward(self, x):
-        return F.conv2d(x, self.weight + self.id_tensor, None, 1, 0, self.dilation, self.groups)
-
-
-def conv_bn(cin, cout, k, stride=1, padding=0, groups=1):
-    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, padding, groups=groups, bias=False), nn.BatchNorm2d(cout))
-
-
-class DiverseBranchBlock(nn.Module):
-    """DBB (Ding et al. 2021) as its authors write it: k×k, 1×1, 1×1 → BN-and-pad → avg, 1×1 → BN-and-pad → k×k
-    branches, each with its BN, summed. Minimal form: one k×k conv with the block's stride, padding and groups."""
-
-    def __init__(self, cin, cout, k, stride=1, padding=None, groups=1, internal=None):
-        super().__init__()
-        padding = k // 2 if padding is None else padding
-        self.dbb_origin = conv_bn(cin, cout, k, stride, padding, groups)
-        self.dbb_1x1 = conv_bn(cin, cout, 1, stride, 0, groups)
-        self.dbb_avg = nn.Sequential()
-        self.dbb_avg.add_module("conv", nn.Conv2d(cin, cout, 1, 1, 0, groups=groups, bias=False))
-        self.dbb_avg.add_module("bn", BNAndPad(cout, padding))
-        self.dbb_avg.add_module("avg", nn.AvgPool2d(k, stride, 0))
-        self.dbb_avg.add_module("avgbn", nn.BatchNorm2d(cout))
-        internal = cin if internal is None else internal
-        self.dbb_1x1_kxk = nn.Sequential()
-        if internal == cin:
-            self.dbb_1x1_kxk.add_module("idconv1", IdentityBasedConv1x1(cin, groups))
-        else:
-            self.dbb_1x1_kxk.add_module("conv1", nn.Conv2d(cin, internal, 1, 1, 0, groups=groups, bias=False))
-        self.dbb_1x1_kxk.add_module("bn1", BNAndPad(internal, padding))
-        self.dbb_1x1_kxk.add_module("conv2", nn.Conv2d(internal, cout, k, stride, 0, groups=groups, bias=False))
-        self.dbb_1x1_kxk.add_module("bn2", nn.BatchNorm2d(cout))
-
-    def forward(self, inputs):
-        out = self.dbb_origin(inputs)
-        out += self.dbb_1x1(inputs)
-        out += self.dbb_avg(inputs)
-        out += self.dbb_1x1_kxk(inputs)
-        return out
 
 
 def build(module: nn.Module, seed: int) -> nn.Module:

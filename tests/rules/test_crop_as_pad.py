@@ -9,38 +9,10 @@ import torch.nn as nn
 from hypothesis import given
 from hypothesis import strategies as st
 
+from examples.authors.blocks import ACBlock
 from reparam.testing import assert_equivalent, assert_refuses, count_ops, randomize_params
 
 RTOL = 1e-9
-
-
-class ACBlock(nn.Module):
-    """ACNet's asymmetric conv block (Ding et al. 2019) as its authors write it: k×k + k×1 + 1×k, each with a BN,
-    summed; with padding < k//2 the k×1 / 1×k inputs are cropped by k//2 − padding so that their windows line up
-    with the k×k branch. Minimal form: one k×k conv with the block's padding and stride."""
-
-    def __init__(self, cin, cout, k, stride=1, padding=0, groups=1, crop_first=False):
-        super().__init__()
-        self.square_conv = nn.Conv2d(cin, cout, k, stride, padding, groups=groups, bias=False)
-        self.square_bn = nn.BatchNorm2d(cout)
-        if padding - k // 2 >= 0:
-            self.crop = 0
-            hor_padding, ver_padding = [padding - k // 2, padding], [padding, padding - k // 2]
-        else:
-            self.crop = k // 2 - padding
-            hor_padding, ver_padding = [0, padding], [padding, 0]
-        self.ver_conv = nn.Conv2d(cin, cout, (k, 1), stride, ver_padding, groups=groups, bias=False)
-        self.hor_conv = nn.Conv2d(cin, cout, (1, k), stride, hor_padding, groups=groups, bias=False)
-        self.ver_bn, self.hor_bn = nn.BatchNorm2d(cout), nn.BatchNorm2d(cout)
-
-    def forward(self, x):
-        square = self.square_bn(self.square_conv(x))
-        if self.crop > 0:
-            ver_input = x[:, :, :, self.crop:-self.crop]
-            hor_input = x[:, :, self.crop:-self.crop, :]
-        else:
-            ver_input = hor_input = x
-        return square + self.ver_bn(self.ver_conv(ver_input)) + self.hor_bn(self.hor_conv(hor_input))
 
 
 def build(module: nn.Module, seed: int) -> nn.Module:
