@@ -3,11 +3,13 @@
 Recognized: nn.Conv1d/2d/3d, nn.BatchNorm1d/2d/3d (eval, running statistics), nn.Linear, nn.Identity,
 nn.Dropout*, nn.AvgPool*, nn.AdaptiveAvgPool(1), nn.Flatten, F.conv*/F.linear on constant weights,
 F.batch_norm on constant buffers (training=False), constant-zero F.pad, +, −, neg, * and / by a scalar
-or a per-axis constant, torch.cat, chunk/split (through their getitems), mean, flatten, dropout(eval).
+or a per-axis constant, torch.cat, chunk/split (through their getitems), unit-step slices of one axis
+(``x[:, :, a:b]``), mean, flatten, dropout(eval).
 Every recognizer, built-in or a user's, sits in the registries of :mod:`reparam.core.vocabulary` (by module
 class, function target, method name; the ATen front end registers torch.export's overloads the same way);
 :class:`FxImporter` is what a recognizer gets as ``ctx``: ``const``, ``dtype_of``, ``shape``, ``note``,
-``function`` (recognize a call as another target would be), ``arithmetic``.
+``function`` (recognize a call as another target would be), ``arithmetic``, ``written_anew`` (an op read
+through intermediate nodes).
 """
 from __future__ import annotations
 
