@@ -34,9 +34,11 @@ import threading
 import time
 from pathlib import Path
 
+from benchmarks.tables import machine, write_section
+
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "benchmarks.md"
-BEGIN, END = "<!-- fuse-cost:begin -->", "<!-- fuse-cost:end -->"
+SECTION = "fuse-cost"
 TIMM_MODELS = ("repvgg_b3", "mobileone_s4", "fastvit_sa24")
 MODELS = (*TIMM_MODELS, "repnext_m5", "synthetic")
 MODES = ("hand", "plain", "verified")
@@ -257,29 +259,6 @@ def goals(results: dict) -> list[str]:
     return lines
 
 
-def machine() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        cpu = next((l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name")), "?")
-    except OSError:
-        cpu = platform.processor() or "?"
-    mem = os.sysconf("SC_PHYS_PAGES") * PAGE
-    return f"{os.cpu_count()} CPUs ({cpu}), {mem / 2**30:.0f} GiB, Linux {platform.release()}"
-
-
-def write_section(text: str) -> None:
-    """Replace this benchmark's section of docs/benchmarks.md (atomically), keeping the other sections."""
-    old = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    block = f"{BEGIN}\n{text.rstrip()}\n{END}"
-    if BEGIN in old and END in old:
-        new = old[:old.index(BEGIN)] + block + old[old.index(END) + len(END):]
-    else:
-        new = old.rstrip() + "\n\n" + block + "\n"
-    tmp = DOC.with_suffix(".md.tmp")
-    tmp.write_text(new)
-    os.replace(tmp, DOC)
-
-
 def command(args) -> str:
     """The command line that reproduces this run."""
     parts = ["python -m benchmarks.fuse_cost"]
@@ -345,7 +324,7 @@ def main(argv=None) -> int:
     text = "\n".join([
         "## Fuse cost: reparam against the hand-written fuse",
         "",
-        f"Reproduce: `{command(args)}`. Measured {now:%Y-%m-%d %H:%M} UTC on {machine()}; torch {torch.__version__}, Python {platform.python_version()}; 1-minute load "
+        f"Reproduce: `{command(args)}`. Measured {now:%Y-%m-%d %H:%M} UTC on {machine(memory=True)}; torch {torch.__version__}, Python {platform.python_version()}; 1-minute load "
         f"average {load0:.2f} at the start, {os.getloadavg()[0]:.2f} at the end; whole run "
         f"{time.perf_counter() - started:.0f} s.",
         "",
@@ -362,7 +341,7 @@ def main(argv=None) -> int:
     ])
     print(text)
     if not args.no_write:
-        write_section(text)
+        write_section(DOC, SECTION, text)
         print(f"\nwrote {DOC}", file=sys.stderr)
     return 0
 
