@@ -51,6 +51,15 @@ def test_rewrite_computes_in_float64_from_the_held_values():
     assert torch.allclose(folded.evaluate(x), conv.evaluate(x) / 3, rtol=1e-13, atol=1e-13)
 
 
+def test_per_channel_fold_is_float64_without_a_copy_first():
+    w = torch.randn(4, 3, 3, 3)
+    conv = Conv(held(w), None, (1, 1), ((1, 1), (1, 1)), (1, 1), dtype=torch.float32)
+    scale = torch.rand(4, dtype=torch.float64) + 0.5
+    folded = opmath.affine_after(conv, Affine(scale, torch.randn(4, dtype=torch.float64), 1))
+    assert folded.weight.dtype == torch.float64 and folded.bias.dtype == torch.float64
+    assert torch.equal(folded.weight, w.double() * scale.reshape(-1, 1, 1, 1))
+
+
 def test_parallel_merge_reads_float32_kernels_exactly():
     a = torch.randn(4, 4, 3, 3)
     b = torch.randn(4, 4, 1, 1)

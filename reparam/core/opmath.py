@@ -25,7 +25,11 @@ def _dtype_of(*ops):
 
 def affine_after(op: Conv | Linear, a: Affine) -> Conv | Linear:
     """a(op(x)): per-output-channel scale and shift folded into W and b."""
-    W, b = kernels.fold_affine_after(_f64(op.weight), _f64(op.bias), _f64(a.scale), _f64(a.shift))
+    s = _f64(a.scale)
+    # W times a per-channel float64 scale is computed in float64 by type promotion, with no float64 copy of W
+    # first; a 0-d scale does not promote W, so W is cast
+    W = op.weight if s.ndim else _f64(op.weight)
+    W, b = kernels.fold_affine_after(W, _f64(op.bias), s, _f64(a.shift))
     return op.with_(weight=W, bias=b)
 
 
