@@ -5,7 +5,8 @@ axes (``nd == 0``: ``W`` is ``[out, in]``, a Linear / 1x1 on a rank-2 input). Pa
 ``((lo, hi), ...)``, applied as ``F.pad`` followed by a conv with padding 0. Stride and dilation are
 tuples of length ``nd``. Inputs and outputs are float64 (callers cast the model's tensors to float64 once,
 ``sum_padded``, and ``fold_affine_after`` with a per-channel float64 scale, read narrower kernels as they are:
-type promotion computes in float64); inputs are never modified in place. An input bias of ``None`` means zero; returned biases are always tensors.
+type promotion computes in float64); inputs are never modified in place. An input bias of ``None`` means
+zero; returned biases are always tensors.
 """
 from __future__ import annotations
 
