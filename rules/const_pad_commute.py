@@ -1,6 +1,6 @@
 import torch
 
-from reparam.core.ops import Affine, Conv, Pad
+from reparam.core.ops import Affine, Conv, Pad, as_float64
 from reparam.core.pattern import P, X
 from reparam.core.rule import require, rule
 
@@ -37,7 +37,7 @@ def const_pad_commute(x, pad, conv=None, affine=None):
         require(all(s == 1 for s in c.stride), f"the conv before the pad has stride {c.stride}: zero padding its "
                 "input would pad its output by a different amount")
         require(c.padding_mode == "zeros", f"the conv pads with '{c.padding_mode}', not zeros")
-        response = c.bias if c.bias is not None else torch.zeros(c.out_channels, dtype=torch.float64)
+        response = as_float64(c.bias) if c.bias is not None else torch.zeros(c.out_channels, dtype=torch.float64)
         what = "the conv's bias" if c.bias is not None else "zero (the conv has no bias)"
     else:
         a = affine.op
@@ -46,7 +46,7 @@ def const_pad_commute(x, pad, conv=None, affine=None):
         require(a.acts_on(1, affine.rank), "the affine before the pad is not per channel")
         channels = affine.channels
         require(channels is not None, "the channel count is unknown (pass example inputs)")
-        response = torch.zeros((), dtype=torch.float64) if a.shift is None else a.shift
+        response = torch.zeros((), dtype=torch.float64) if a.shift is None else as_float64(a.shift)
         response = response.expand(channels) if response.ndim == 0 else response
         what = "the affine's shift" if a.shift is not None else "zero (the affine has no shift)"
     v = op.channel_values(response.numel())

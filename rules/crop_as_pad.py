@@ -1,4 +1,4 @@
-from reparam.core.ops import Conv, Slice
+from reparam.core.ops import Conv, Slice, as_float64
 from reparam.core.pattern import One, P, SumOf, X
 from reparam.core.rule import require, rule
 from reparam.core.terms import merge_key, rebuild, slack
@@ -52,7 +52,7 @@ def crop_as_pad(total, x, sibling, term, conv, crop, rest):
         require(c_lo % d == 0 and c_hi % d == 0, f"the crop {(c_lo, c_hi)} on axis {dim} is not a multiple of the "
                                                  f"conv's dilation {d}")
         before[a], after[a] = c_lo // d, c_hi // d
-    new = op.with_(weight=kernels.pad_kernel(op.weight, before, after))
+    new = op.with_(weight=kernels.pad_kernel(as_float64(op.weight), before, after))  # rewrites hold float64
     require(merge_key(new) == merge_key(like) and slack(new) == slack(like),
             "the uncropped conv would not line up with its sibling conv of the same input (stride, dilation, "
             "groups, channels or padding slack differ)")

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from reparam.core import vocabulary as vocab
 from reparam.core.vocabulary import arguments
 from reparam.frontends.fx import importer
-from reparam.core.ops import AvgPool, Flatten, Identity, Linear, Mean, Slice, f64
+from reparam.core.ops import AvgPool, Flatten, Identity, Linear, Mean, Slice, f64, held
 
 
 aten = torch.ops.aten
@@ -59,8 +59,10 @@ def _mm(imp, n, a, bias=None, beta=1, alpha=1):
         return None
     if b is not None and tuple(b.shape) not in ((w.shape[1],), (1, w.shape[1])):
         return None
-    weight = f64(w).t().contiguous() * float(alpha)
-    return Linear(weight, None if b is None else f64(b).reshape(-1) * float(beta),
+    # the model's tensors as they are where no scaling is asked for; a scaled one is computed in float64
+    weight = held(w).t() if alpha == 1 else f64(w).t().contiguous() * float(alpha)
+    bias = None if b is None else held(b).reshape(-1) if beta == 1 else f64(b).reshape(-1) * float(beta)
+    return Linear(weight, bias,
                   dtype=imp.dtype_of(a["mat2"]), device=w.device), [a["self"]]
 
 

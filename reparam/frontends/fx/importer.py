@@ -29,7 +29,7 @@ from reparam.frontends.fx.capture import has_hooks
 from reparam.core.ir import Graph, Node
 from reparam.core.ops import per_axis
 from reparam.core.ops import (Affine, AvgPool, Cat, Conv, Flatten, Identity, Input, Linear, Mean, Opaque, Pad, Permute,
-                              Slice, Sum, f64)
+                              Slice, Sum, f64, held)
 from reparam.frontends.fx.nodes import FxOrigin, fx_dtype, fx_shape, scoped_name
 from reparam.frontends.fx.shapes import same_forward
 
@@ -51,7 +51,7 @@ def conv_op(weight, bias, stride, padding, dilation, groups, padding_mode="zeros
             return None
     else:
         pads = tuple((p, p) for p in _tuple(padding, nd))
-    return Conv(f64(weight), f64(bias), stride, pads, dilation, int(groups), padding_mode,
+    return Conv(held(weight), held(bias), stride, pads, dilation, int(groups), padding_mode,
                 dtype=weight.dtype, device=weight.device)
 
 
@@ -347,7 +347,7 @@ def _linear_module(ctx: FxImporter, n: fx.Node, m: nn.Module):
     x = _only_input(n)
     if x is None or not same_forward(m, nn.Linear):
         return None
-    return Linear(f64(m.weight), f64(m.bias), dtype=m.weight.dtype, device=m.weight.device), [x]
+    return Linear(held(m.weight), held(m.bias), dtype=m.weight.dtype, device=m.weight.device), [x]
 
 
 @vocab.fx_module(nn.Identity, nn.modules.dropout._DropoutNd)
@@ -400,7 +400,7 @@ def _linear_function(ctx: FxImporter, n, args, kwargs):
     w, b = ctx.const(a["weight"]), ctx.const(a.get("bias"))
     if w is None or (a.get("bias") is not None and b is None):
         return None
-    return Linear(f64(w), f64(b), dtype=ctx.dtype_of(a["weight"]), device=w.device), [a["input"]]
+    return Linear(held(w), held(b), dtype=ctx.dtype_of(a["weight"]), device=w.device), [a["input"]]
 
 
 @vocab.fx_function(F.batch_norm, torch.batch_norm)
