@@ -4,6 +4,7 @@ input it equals; DBB's 1×1 → BN → pad-with-the-BN-bias → k×k branch, and
 conv. Property tests in float64, traps (pad values that are not the bias) refused, never wrong."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -174,3 +175,16 @@ def test_unequal_sides_are_not_a_channel_pad():
 
     fused, report = assert_equivalent(build(Sides(), 0), (torch.randn(1, 3, 6, 6, dtype=torch.float64),), rtol=RTOL)
     assert fired(report, "const_pad_commute") == 0 and count_ops(fused)["convs"] == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_dbb_network_keeps_its_dtype(dtype):
+    """Three DBB blocks (examples.authors.blocks.dbb_net) in fp32 / fp16 / bf16: three convs in that dtype, verified."""
+    import reparam
+    from examples.authors.blocks import dbb_net
+
+    model = randomize_params(dbb_net(8), torch.Generator().manual_seed(0)).eval().to(dtype)
+    x = torch.randn(1, 3, 16, 16).to(dtype)
+    fused, report = reparam.fuse(model, x, report=True)
+    assert count_ops(fused)["convs"] == 3 and report.verification.passed, report.summary()
+    assert {p.dtype for p in fused.parameters()} == {dtype} and fused(x).dtype == dtype

@@ -97,3 +97,17 @@ def test_crop_as_pad_refuses_what_it_cannot_line_up(case):
     x = (torch.randn(1, 3, 9, 9, dtype=torch.float64),)
     fused, _ = assert_refuses("crop_as_pad", build(Block(), 0), x, "dilation" if case == "dilation" else "line up")
     assert count_ops(fused)["convs"] == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_acnet_network_keeps_its_dtype(dtype):
+    """Three cropping ACNet blocks (examples.authors.blocks.acnet_net) in fp32 / fp16 / bf16: three convs in that
+    dtype, verified."""
+    import reparam
+    from examples.authors.blocks import acnet_net
+
+    model = randomize_params(acnet_net(8), torch.Generator().manual_seed(0)).eval().to(dtype)
+    x = torch.randn(1, 3, 16, 16).to(dtype)
+    fused, report = reparam.fuse(model, x, report=True)
+    assert count_ops(fused)["convs"] == 3 and report.verification.passed, report.summary()
+    assert {p.dtype for p in fused.parameters()} == {dtype} and fused(x).dtype == dtype
