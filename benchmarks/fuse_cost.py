@@ -1,6 +1,6 @@
 """Fuse cost: time and extra memory of producing the deploy model, against the hand-written fuse.
 
-    python -m benchmarks.fuse_cost [--models repvgg_b3,...] [--repeats 3] [--params 1e9] [--no-write]
+    python -m benchmarks.fuse_cost [--models repvgg_b3,...] [--repeats 3] [--params 1e9[,3e8...]] [--no-write]
 
 Every measurement runs in a fresh process (``python -m benchmarks.fuse_cost --child MODEL MODE``), so one
 measurement's allocator state, caches and imports do not skew the next; the parent reports medians of
@@ -11,12 +11,13 @@ Extra memory: the process's peak RSS during the call (``VmHWM``, reset through `
 just before it) minus its RSS with the model loaded. Models: timm ``repvgg_b3``, ``mobileone_s4``,
 ``fastvit_sa24`` (``pretrained=False``, nothing downloaded, BatchNorm statistics randomized), RepNeXt-M5
 (``examples/repnext``; there is no hand-written fuse to compare with) and ``synthetic``: a RepVGG-style stack
-(3×3 conv + BN, 1×1 conv + BN and BN identity branches) of about ``--params`` parameters, for which the
-peak RSS of the whole process is compared with the model's float32 size. A child whose RSS passes a cap
+(3×3 conv + BN, 1×1 conv + BN and BN identity branches) of about ``--params`` parameters (one or several
+sizes), for which the peak RSS of the whole process is compared with the model's float32 size. A child whose RSS passes a cap
 (``--cap-gb``, default 80 % of the memory available when the parent starts) stops itself and is reported
 as such, so that a measurement never takes the machine's memory from other work.
 
-Prints the table and writes its section of docs/benchmarks.md (between ``<!-- fuse-cost -->`` markers).
+Prints the table and writes its section of docs/benchmarks.md (``benchmarks.tables.write_section``, section
+``fuse-cost``).
 """
 from __future__ import annotations
 
@@ -34,9 +35,11 @@ import threading
 import time
 from pathlib import Path
 
+from benchmarks.tables import machine, write_section
+
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "benchmarks.md"
-BEGIN, END = "<!-- fuse-cost:begin -->", "<!-- fuse-cost:end -->"
+SECTION = "fuse-cost"
 TIMM_MODELS = ("repvgg_b3", "mobileone_s4", "fastvit_sa24")
 MODELS = (*TIMM_MODELS, "repnext_m5", "synthetic")
 MODES = ("hand", "plain", "verified")
@@ -208,7 +211,7 @@ def table(results: dict) -> str:
     out = ["| model | params | hand | reparam, no verification | reparam, verified | extra memory: hand → no "
            "verification → verified |", "|---|---|---|---|---|---|"]
     for name, res in results.items():
-        if name == "synthetic":
+        if name.startswith("synthetic"):
             continue
         hand, plain, ver = res.get("hand"), res.get("plain"), res.get("verified")
         any_ = next((r for r in (hand, plain, ver) if r and "size32" in r), None)
@@ -218,16 +221,18 @@ def table(results: dict) -> str:
         out.append(f"| {name} | {params} | {_cell(hand, 'seconds', sec)} "
                    f"| {_cell(plain, 'seconds', sec)}{_ratio(plain, hand, 'seconds')} "
                    f"| {_cell(ver, 'seconds', sec)}{_ratio(ver, hand, 'seconds')} | {mem} |")
-    if "synthetic" in results:
-        res = results["synthetic"]
-        out += ["", "| synthetic RepVGG-style model | float32 size | mode | time | peak RSS | peak / float32 size |",
-                "|---|---|---|---|---|---|"]
+    synthetic_runs = [res for name, res in results.items() if name.startswith("synthetic")]
+    if synthetic_runs:
+        out += ["", "| synthetic RepVGG-style model | float32 size | mode | time | peak RSS | peak / float32 size "
+                "| extra / float32 size |", "|---|---|---|---|---|---|---|"]
+    for res in synthetic_runs:
         for mode in ("plain", "verified"):
             r = res.get(mode)
             if r is None:
                 continue
             size = r.get("size32")
-            ratio = f"{r['peak'] / size:.2f}" if size and not r.get("capped") and not r.get("failed") else ""
+            done = size and not r.get("capped") and not r.get("failed")
+            ratio = f"{r['peak'] / size:.2f} | {r['extra'] / size:.2f}" if done else " | "
             out.append(f"| {res.get('label', '')} | {_gb(size) if size else '?'} | {mode} "
                        f"| {_cell(r, 'seconds', lambda v: f'{v:.1f} s')} | {_cell(r, 'peak', _gb)} | {ratio} |")
     return "\n".join(out)
@@ -247,37 +252,19 @@ def goals(results: dict) -> list[str]:
             v = ver["seconds"] / hand["seconds"]
             line += f"; verified {v:.2f}× time ({ok(v <= 4)})"
         lines.append(line)
-    ver = results.get("synthetic", {}).get("verified")
-    if ver:
-        if ver.get("capped") or ver.get("failed"):
-            lines.append("- synthetic model with verification: did not finish under the memory cap (missed)")
+    for name, res in results.items():
+        ver = res.get("verified") if name.startswith("synthetic") else None
+        if not ver:
+            continue
+        if ver.get("failed"):
+            lines.append(f"- {res['label']}, with verification: the run failed (missed)")
+        elif ver.get("capped"):
+            lines.append(f"- {res['label']}, with verification: stopped at the memory cap, "
+                         f"{_gb(ver['peak'])} (missed)")
         else:
             q = ver["peak"] / ver["size32"]
-            lines.append(f"- synthetic model with verification: peak RSS {q:.2f}× its float32 size ({ok(q <= 2)})")
+            lines.append(f"- {res['label']}, with verification: peak RSS {q:.2f}× its float32 size ({ok(q <= 2)})")
     return lines
-
-
-def machine() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        cpu = next((l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name")), "?")
-    except OSError:
-        cpu = platform.processor() or "?"
-    mem = os.sysconf("SC_PHYS_PAGES") * PAGE
-    return f"{os.cpu_count()} CPUs ({cpu}), {mem / 2**30:.0f} GiB, Linux {platform.release()}"
-
-
-def write_section(text: str) -> None:
-    """Replace this benchmark's section of docs/benchmarks.md (atomically), keeping the other sections."""
-    old = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    block = f"{BEGIN}\n{text.rstrip()}\n{END}"
-    if BEGIN in old and END in old:
-        new = old[:old.index(BEGIN)] + block + old[old.index(END) + len(END):]
-    else:
-        new = old.rstrip() + "\n\n" + block + "\n"
-    tmp = DOC.with_suffix(".md.tmp")
-    tmp.write_text(new)
-    os.replace(tmp, DOC)
 
 
 def command(args) -> str:
@@ -287,8 +274,8 @@ def command(args) -> str:
         parts.append(f"--models {','.join(args.models)}")
     if args.repeats != 3:
         parts.append(f"--repeats {args.repeats}")
-    if args.params != 1e9:
-        parts.append(f"--params {args.params:g}")
+    if args.params != [1e9]:
+        parts.append(f"--params {','.join(f'{p:g}' for p in args.params)}")
     if args.cap_gb:
         parts.append(f"--cap-gb {args.cap_gb:g}")
     return " ".join(parts)
@@ -306,13 +293,20 @@ def _parse(argv):
     p = argparse.ArgumentParser(prog="python -m benchmarks.fuse_cost", description=__doc__.splitlines()[0])
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {', '.join(MODELS)}")
     p.add_argument("--repeats", type=int, default=3, help="fresh processes per measurement (median; default 3)")
-    p.add_argument("--params", type=float, default=1e9, help="parameters of the synthetic model (default 1e9)")
+    p.add_argument("--params", default="1e9", help="parameters of the synthetic model, or several sizes, comma-"
+                   "separated (default 1e9)")
     p.add_argument("--cap-gb", type=float, default=None, help="stop a child whose RSS passes this (GB)")
     p.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     p.add_argument("--child", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
     p.add_argument("--cap-bytes", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    try:
+        args.params = [float(v) for v in args.params.split(",") if v.strip()]
+    except ValueError:
+        p.error(f"--params must be numbers (e.g. 1e9 or 1e9,3e8), not {args.params!r}")
+    if not args.params or any(v <= 0 for v in args.params):
+        p.error("--params must be positive")
     bad = [m for m in args.models if m not in MODELS]
     if bad or not args.models:
         p.error(f"unknown model(s) {', '.join(bad) or '(none given)'}; choose from {', '.join(MODELS)}")
@@ -325,27 +319,30 @@ def main(argv=None) -> int:
     args = _parse(argv)
     if args.child:
         name, mode = args.child
-        print(json.dumps(child(name, mode, args.params, args.cap_bytes or available())), flush=True)
+        print(json.dumps(child(name, mode, args.params[0], args.cap_bytes or available())), flush=True)
         return 0
     cap = int(args.cap_gb * 1e9) if args.cap_gb else int(0.8 * available())
     started, load0 = time.perf_counter(), os.getloadavg()[0]
     results: dict = {}
-    for name in args.models:
+    runs = [(name, params) for name in args.models
+            for params in (args.params if name == "synthetic" else [args.params[0]])]
+    for name, params in runs:
+        key = f"synthetic {params:g}" if name == "synthetic" else name
         modes = ("plain", "verified") if name in ("repnext_m5", "synthetic") else MODES
-        results[name] = {}
+        results[key] = {}
         for mode in modes:
             repeats = 1 if name == "synthetic" else args.repeats
-            print(f"[fuse_cost] {name} {mode} ...", file=sys.stderr, flush=True)
-            results[name][mode] = r = measure(name, mode, repeats, args.params, cap)
-            print(f"[fuse_cost] {name} {mode}: {json.dumps(r)}", file=sys.stderr, flush=True)  # as it comes
+            print(f"[fuse_cost] {key} {mode} ...", file=sys.stderr, flush=True)
+            results[key][mode] = r = measure(name, mode, repeats, params, cap)
+            print(f"[fuse_cost] {key} {mode}: {json.dumps(r)}", file=sys.stderr, flush=True)  # as it comes
         if name == "synthetic":
-            results[name]["label"] = f"24 blocks, ~{args.params / 1e9:g} B parameters, input 1×3×8×8"
+            results[key]["label"] = f"24 blocks, ~{params / 1e9:g} B parameters, input 1×3×8×8"
     import torch
     now = datetime.datetime.now(datetime.timezone.utc)
     text = "\n".join([
         "## Fuse cost: reparam against the hand-written fuse",
         "",
-        f"Reproduce: `{command(args)}`. Measured {now:%Y-%m-%d %H:%M} UTC on {machine()}; torch {torch.__version__}, Python {platform.python_version()}; 1-minute load "
+        f"Reproduce: `{command(args)}`. Measured {now:%Y-%m-%d %H:%M} UTC on {machine(memory=True)}; torch {torch.__version__}, Python {platform.python_version()}; 1-minute load "
         f"average {load0:.2f} at the start, {os.getloadavg()[0]:.2f} at the end; whole run "
         f"{time.perf_counter() - started:.0f} s.",
         "",
@@ -362,7 +359,7 @@ def main(argv=None) -> int:
     ])
     print(text)
     if not args.no_write:
-        write_section(text)
+        write_section(DOC, SECTION, text)
         print(f"\nwrote {DOC}", file=sys.stderr)
     return 0
 

@@ -15,7 +15,6 @@ import argparse
 import datetime
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,22 +26,13 @@ import torch
 import reparam
 from examples.repnext.measure import VARIANTS, build, count_macs, fp64_reference, latencies, median_time, relative_error
 from reparam.frontends.fx.counting import count_model
+from benchmarks.tables import machine, write_section
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
-BEGIN, END = "<!-- repnext-bench:begin -->", "<!-- repnext-bench:end -->"
+SECTION = "repnext-bench"
 THREADS = 2
 SIZE = 224
 TARGETS = "fuse time of M5 ≤ 1 s without verification and ≤ 3 s with it; M1 deploy/train eager latency ratio ≤ 0.62"
-
-
-def machine() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        model = next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")),
-                     platform.processor() or "unknown CPU")
-    except OSError:
-        model = platform.processor() or "unknown CPU"
-    return f"{os.cpu_count()} CPUs ({model}), Linux {platform.release()}"
 
 
 def ort_session(model: torch.nn.Module, x: torch.Tensor, path: str):
@@ -129,20 +119,6 @@ def targets(rows: list[dict]) -> list[str]:
     return lines
 
 
-def write_section(text: str) -> None:
-    """Replace this benchmark's section of docs/benchmarks.md (atomically), keeping any other sections."""
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    old = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    block = f"{BEGIN}\n{text.rstrip()}\n{END}"
-    if BEGIN in old and END in old:
-        new = old[:old.index(BEGIN)] + block + old[old.index(END) + len(END):]
-    else:
-        new = old.rstrip() + "\n\n" + block + "\n"
-    tmp = DOC.with_suffix(".md.tmp")
-    tmp.write_text(new)
-    os.replace(tmp, DOC)
-
-
 def _parse(argv):
     p = argparse.ArgumentParser(prog="python -m benchmarks.repnext_bench", description=__doc__.splitlines()[0])
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, e.g. m0,m1 (default all)")
@@ -200,7 +176,7 @@ def main(argv=None) -> int:
     ])
     print(text)
     if not args.no_write:
-        write_section(text)
+        write_section(DOC, SECTION, text)
         print(f"\nwrote {DOC}", file=sys.stderr)
     return 0
 

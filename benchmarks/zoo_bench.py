@@ -2,6 +2,7 @@
 
     python -m benchmarks.zoo_bench [--models repvgg_a0,...] [--size 224] [--repeats 3] [--rounds 15] [--no-write]
     python -m benchmarks.zoo_bench --capture [--no-write]      # only the capture section (see below)
+    python -m benchmarks.zoo_bench --blocks [--no-write]       # only the authors' blocks section (see below)
 
 Per model (``pretrained=False``, eval, BatchNorm statistics and layer scales randomized, batch 1): conv / BN /
 Linear / op counts and parameters of the three forms (``reparam.core.report.count_model``: calls in the FX graph,
@@ -15,6 +16,10 @@ threads, interleaved rounds in one process, medians) and the ratio ours / timm's
 shape-only second uses, ResNetV2-BiT's weight-standardized convs) and rewrites only their section of the doc:
 counts of what each form executes on the example input (``counting.count_run``: ATen calls, so a weight
 standardization's batch-norm call counts as a BN), errors against the float64 reference, one fuse time.
+
+``--blocks`` measures small networks of blocks written as their authors write them (``examples.authors.blocks``:
+DBB's pad-with-the-BN-bias by index writes, ACNet's crops) the same way, against the minimal form their authors'
+own conversion reaches, and rewrites only their section.
 """
 from __future__ import annotations
 
@@ -123,6 +128,70 @@ def write_capture_section(section: str) -> None:
     tmp.replace(DOC)
 
 
+BLOCKS_BEGIN, BLOCKS_END = "<!-- authors' blocks: python -m benchmarks.zoo_bench --blocks -->", "<!-- /blocks -->"
+BLOCK_SIZE = 56
+
+
+def block_models() -> dict:
+    """name -> (model builder, the convs of the minimal form the authors' own conversion reaches)."""
+    from examples.authors import blocks
+
+    return {"DBB ×3 (index writes into the borders)": (blocks.dbb_net, 3),
+            "ACNet ×3 (padding < k//2: crops)": (blocks.acnet_net, 3)}
+
+
+def block_row(name: str, make, minimal: int) -> dict:
+    import time
+
+    from reparam.testing import randomize_params
+
+    model = randomize_params(make(), torch.Generator().manual_seed(0)).eval()
+    x = torch.randn(1, 3, BLOCK_SIZE, BLOCK_SIZE, generator=torch.Generator().manual_seed(0))
+    t0 = time.perf_counter()
+    ours, report = reparam.fuse(model, x, report=True)
+    seconds = time.perf_counter() - t0
+    want = verify.run(model, (x,), torch.float64)
+    forms = {"training": model, "reparam": ours}
+    return {"name": name, "minimal": minimal, "counts": {k: count_run(m, (x,)) for k, m in forms.items()},
+            "fp32": {k: error(m, x, want) for k, m in forms.items()}, "verification": report.verification.error_fp64,
+            "seconds": seconds, "fired": report.fired_counts(),
+            "notes": [n for n in report.notes if "example inputs" in n]}
+
+
+def blocks_section(rows: list[dict], started, load) -> str:
+    out = [BLOCKS_BEGIN, "", "## Blocks as their authors write them", "",
+           f"Measured {started:%Y-%m-%d %H:%M} UTC with `python -m benchmarks.zoo_bench --blocks` (load average "
+           f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}), input 1×3×{BLOCK_SIZE}², parameters and BN statistics "
+           "randomized. The networks are in `examples/authors/blocks.py`; counts are what each form executes "
+           "(`count_run`, ATen calls: DBB's border writes count as ops). The authors' own conversion reaches the "
+           "minimal form, one k×k conv per block.", "",
+           "| network | form | convs | BNs | ops | params | rel. error fp32 |", "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        for form in ("training", "reparam"):
+            c = r["counts"][form]
+            out.append(f"| {r['name']} | {form} | {c.convs} | {c.bns} | {c.ops} | {c.params:,} | {r['fp32'][form]} |")
+        out.append(f"| {r['name']} | authors' conversion (minimal form) | {r['minimal']} | 0 | | | |")
+    out += ["", "| network | capture | rules that made the difference | fuse (verified) | verification error (fp64) |",
+            "|---|---|---|---:|---:|"]
+    for r in rows:
+        how = "; ".join(r["notes"]) or "symbolic trace"
+        key = ", ".join(f"{k}×{v}" for k, v in sorted(r["fired"].items()) if k in ("const_pad_commute", "crop_as_pad"))
+        out.append(f"| {r['name']} | {how} | {key or '—'} | {r['seconds']:.1f} s | {r['verification']:.1e} |")
+    return "\n".join(out + ["", BLOCKS_END, ""])
+
+
+def write_section(section: str, begin: str, end: str) -> None:
+    text = DOC.read_text()
+    if begin in text:
+        head, rest = text.split(begin, 1)
+        text = head + section + rest.split(end, 1)[1].lstrip("\n")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    tmp = DOC.with_suffix(".md.tmp")
+    tmp.write_text(text)
+    tmp.replace(DOC)
+
+
 def tables(rows: list[dict]) -> list[str]:
     out = ["| model | form | convs | BNs | linears | ops | params | rel. error fp32 | rel. error fp64 | latency (ms) |",
            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -190,7 +259,16 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--no-write", action="store_true")
     p.add_argument("--capture", action="store_true", help="only the models symbolic tracing reads in part")
+    p.add_argument("--blocks", action="store_true", help="only the blocks written as their authors write them")
     args = p.parse_args(argv)
+    if args.blocks:
+        started, load = datetime.datetime.now(datetime.timezone.utc), os.getloadavg()
+        section = blocks_section([block_row(n, make, m) for n, (make, m) in block_models().items()], started, load)
+        print(section)
+        if not args.no_write:
+            write_section(section, BLOCKS_BEGIN, BLOCKS_END)
+            print(f"wrote {DOC.relative_to(DOC.parent.parent)}")
+        return 0
     if args.capture:
         started, load = datetime.datetime.now(datetime.timezone.utc), os.getloadavg()
         section = capture_section([capture_row(n, s) for n, s in CAPTURE_MODELS.items()], started, load)

@@ -13,8 +13,10 @@ from reparam.rules.affine_through_pool import affine_through_pool
 from reparam.rules.avgpool_to_conv import avgpool_to_conv
 from reparam.rules.bn_prefold import bn_prefold
 from reparam.rules.concat_affine_split import concat_affine_split
+from reparam.rules.const_pad_commute import const_pad_commute
 from reparam.rules.conv_bn_fold import conv_bn_fold
 from reparam.rules.conv_transpose_bn_fold import conv_transpose_bn_fold
+from reparam.rules.crop_as_pad import crop_as_pad
 from reparam.rules.dilated_to_dense import dilated_to_dense
 from reparam.rules.groups_merge import groups_merge
 from reparam.rules.identity_elim import identity_elim
@@ -34,12 +36,14 @@ DEFAULT_RULES = [
     pad_fold,
     conv_bn_fold,
     conv_transpose_bn_fold,
+    const_pad_commute,
     affine_before_flatten,
     affine_through_layout,
     affine_merge,
     concat_affine_split,
     scale_fold,
     identity_to_conv,
+    crop_as_pad,
     avgpool_to_conv,
     dilated_to_dense,
     groups_merge,

@@ -1,6 +1,9 @@
 """Kernel math lifted to ops: each function takes vocabulary ops and returns a new op (never edits one).
 
 These are what rules call; they hold no graph code and check no exactness conditions (rules do).
+Each computes in float64 from the values its ops hold (an imported op holds the model's tensors in their own
+dtype, ``ops.held``; a rewritten one holds float64) and returns its result in float64: nothing is rounded
+between rewrites, and the exporter rounds once to the op's ``dtype``.
 """
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ import math
 import torch
 
 from reparam.math import kernels
-from reparam.core.ops import Affine, AvgPool, Conv, Linear
+from reparam.core.ops import Affine, AvgPool, Conv, Linear, as_float64 as _f64
 
 
 def _dtype_of(*ops):
@@ -22,14 +25,18 @@ def _dtype_of(*ops):
 
 def affine_after(op: Conv | Linear, a: Affine) -> Conv | Linear:
     """a(op(x)): per-output-channel scale and shift folded into W and b."""
-    W, b = kernels.fold_affine_after(op.weight, op.bias, a.scale, a.shift)
+    s = _f64(a.scale)
+    # W times a per-channel float64 scale is computed in float64 by type promotion, with no float64 copy of W
+    # first; a 0-d scale does not promote W, so W is cast
+    W = op.weight if s.ndim else _f64(op.weight)
+    W, b = kernels.fold_affine_after(W, _f64(op.bias), s, _f64(a.shift))
     return op.with_(weight=W, bias=b)
 
 
 def affine_before(op: Conv | Linear, a: Affine) -> Conv | Linear:
     """op(a(x)): per-input-channel scale and shift folded into W and b."""
     groups = op.groups if isinstance(op, Conv) else 1
-    W, b = kernels.fold_affine_before(op.weight, op.bias, groups, a.scale, a.shift)
+    W, b = kernels.fold_affine_before(_f64(op.weight), _f64(op.bias), groups, _f64(a.scale), _f64(a.shift))
     return op.with_(weight=W, bias=b)
 
 
@@ -37,14 +44,14 @@ def regroup(op: Conv, groups: int) -> Conv:
     """The same conv expressed with a coarser grouping (``groups`` divides ``op.groups``)."""
     if groups == op.groups:
         return op
-    return op.with_(weight=kernels.expand_groups(op.weight, op.groups, groups), groups=groups)
+    return op.with_(weight=kernels.expand_groups(_f64(op.weight), op.groups, groups), groups=groups)
 
 
 def redilate(op: Conv, dilation: tuple[int, ...]) -> Conv:
     """The same conv with a smaller dilation (dividing the old one), zeros between the taps."""
     if tuple(dilation) == tuple(op.dilation):
         return op
-    return op.with_(weight=kernels.redilate(op.weight, op.dilation, dilation), dilation=tuple(dilation))
+    return op.with_(weight=kernels.redilate(_f64(op.weight), op.dilation, dilation), dilation=tuple(dilation))
 
 
 def merge_parallel(convs: list[Conv], coeffs: list[float]) -> Conv:
@@ -61,7 +68,7 @@ def merge_parallel(convs: list[Conv], coeffs: list[float]) -> Conv:
     b = None
     for c, coeff in zip(convs, coeffs):
         if c.bias is not None:
-            b = coeff * c.bias if b is None else b + coeff * c.bias
+            b = coeff * _f64(c.bias) if b is None else b + coeff * _f64(c.bias)
     merged = first.with_(weight=W, bias=b, padding=tuple(zip(lo, hi)), dilation=(1,) * first.nd,
                          **_dtype_of(*convs))
     return compact_dilation(merged, d)
@@ -72,7 +79,7 @@ def compact_dilation(op: Conv, dilation: tuple[int, ...]) -> Conv:
     if all(x == 1 for x in dilation) or any((k - 1) % dd for k, dd in zip(op.kernel_size, dilation)):
         return op
     idx = (slice(None), slice(None), *(slice(None, None, dd) for dd in dilation))
-    W = op.weight
+    W = _f64(op.weight)
     off_lattice = torch.ones_like(W, dtype=torch.bool)
     off_lattice[idx] = False
     if off_lattice.any() and W[off_lattice].abs().max().item() != 0:
@@ -81,8 +88,8 @@ def compact_dilation(op: Conv, dilation: tuple[int, ...]) -> Conv:
 
 
 def merge_linear(linears: list[Linear], coeffs: list[float]) -> Linear:
-    W = sum(c * l.weight for l, c in zip(linears, coeffs))
-    biases = [c * l.bias for l, c in zip(linears, coeffs) if l.bias is not None]
+    W = sum(c * _f64(l.weight) for l, c in zip(linears, coeffs))
+    biases = [c * _f64(l.bias) for l, c in zip(linears, coeffs) if l.bias is not None]
     return linears[0].with_(weight=W, bias=sum(biases) if biases else None, **_dtype_of(*linears))
 
 
@@ -91,16 +98,18 @@ def compose(first: Conv, second: Conv) -> Conv:
     g = math.gcd(first.groups, second.groups)
     a, b = regroup(first, g), regroup(second, g)
     W, bias, groups, stride, dilation, pad = kernels.compose_serial(
-        a.weight, a.bias, g, a.stride, a.dilation, a.padding, b.weight, b.bias, g, b.stride, b.dilation, b.padding)
+        _f64(a.weight), _f64(a.bias), g, a.stride, a.dilation, a.padding,
+        _f64(b.weight), _f64(b.bias), g, b.stride, b.dilation, b.padding)
     return first.with_(weight=W, bias=bias, groups=groups, stride=stride, dilation=dilation, padding=pad,
                        **_dtype_of(second, first))
 
 
 def compose_linear(first: Linear, second: Linear) -> Linear:
-    W = second.weight @ first.weight
-    b = second.bias
+    W2 = _f64(second.weight)
+    W = W2 @ _f64(first.weight)
+    b = _f64(second.bias)
     if first.bias is not None:
-        b = (second.weight @ first.bias) + (0 if b is None else b)
+        b = (W2 @ _f64(first.bias)) + (0 if b is None else b)
     return second.with_(weight=W, bias=b)
 
 

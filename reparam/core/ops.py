@@ -1,10 +1,15 @@
 """The vocabulary: the linear ops every graph kind is seen as. The vocabulary is open: an op kind is a subclass
 of :class:`Op` (here, in ``rules/``, or in a user's rules file) that owns all of its semantics.
 
-An op is immutable data. Its tensors are float64 (all kernel math happens there); ``dtype`` and
-``device`` say what the deploy graph must hold once the op is written back. Each op kind says:
+An op is immutable data. An imported op holds the model's own tensors as they are (``held``: a detached
+view in their own dtype, no copy; ops never mutate their tensors); a rewrite computes its result in float64
+from those values (:mod:`reparam.core.opmath`) and holds it in float64 until it is written back, so a chain
+of rewrites rounds once, when the exporter casts to ``dtype``/``device`` (what the deploy graph must hold).
+Small constants (BatchNorm scale and shift, per-axis and folded constants) are held in float64. Each op
+kind says:
 
-- ``evaluate(*xs)``: the float64 reference semantics (local checks, the exporters' self-check, tests);
+- ``evaluate(*xs)``: the reference semantics on inputs of any floating dtype (float64 in the local checks,
+  the exporters' self-check and the tests), its tensors read in the inputs' dtype;
 - ``output_shape(shapes)``: its output shape for known input shapes (None when it cannot tell);
 - the traits the local checks use: ``check_signature`` / ``side_by_side`` (checks run together, channels
   laid side by side), ``shrinkable`` and ``check_reach`` (checks on spatially shrunk inputs).
@@ -14,6 +19,7 @@ How each front end reads and writes an op kind is registered in :mod:`reparam.co
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -116,7 +122,8 @@ class Conv(KernelGeometry, Op):
             padding = tuple((0, 0) for _ in self.padding)
         else:
             padding = self.padding
-        return kernels.conv_nd(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
+        return kernels.conv_nd(x, read_as(self.weight, x), read_as(self.bias, x), self.stride, padding,
+                               self.dilation, self.groups)
 
     def output_shape(self, shapes):
         x = shapes[0]
@@ -163,7 +170,7 @@ class Linear(Op):
         return self.weight.shape[1]
 
     def evaluate(self, x):
-        return F.linear(x, self.weight, self.bias)
+        return F.linear(x, read_as(self.weight, x), read_as(self.bias, x))
 
     def output_shape(self, shapes):
         return (*shapes[0][:-1], self.out_features)
@@ -430,11 +437,59 @@ class Opaque(Op):
 
 
 def f64(t: torch.Tensor | None) -> torch.Tensor | None:
-    """A detached float64 CPU copy (kernel math never touches the model's own tensors)."""
+    """A detached float64 CPU copy (for small constants an op computes with, e.g. BatchNorm statistics)."""
     if t is None:
         return None
     out = t.detach().to("cpu", torch.float64)
     return out.clone() if out.data_ptr() == t.data_ptr() else out
+
+
+_HELD: dict[int, weakref.ref] = {}  # storage address -> the model tensor an op holds a view of
+
+
+def held(t: torch.Tensor | None) -> torch.Tensor | None:
+    """The tensor an op holds for a model's tensor ``t`` (a conv or linear weight): a detached view of ``t`` on
+    the CPU in its own dtype, not a copy (an op never mutates its tensors; a tensor on another device is
+    copied to the CPU). Non-floating tensors are read as float64 (``f64``). The exporters give the deploy model
+    its own copy of such a tensor (``borrowed``), never the model's storage."""
+    if t is None:
+        return None
+    if not t.is_floating_point():
+        return f64(t)
+    out = t.detach()
+    if out.device.type != "cpu":
+        return out.to("cpu")
+    _HELD[_storage(out)] = weakref.ref(t)
+    if len(_HELD) > 4096:  # forget the model tensors that are gone
+        for k in [k for k, r in _HELD.items() if r() is None]:
+            del _HELD[k]
+    return out
+
+
+def borrowed(t: torch.Tensor) -> bool:
+    """True if ``t`` shares its storage with a model tensor an op holds (``held``): writing it into a deploy
+    model needs a copy."""
+    ref = _HELD.get(_storage(t))
+    return ref is not None and ref() is not None
+
+
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def as_float64(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` in float64 for kernel math: itself if it is float64 already, else a float64 copy (exact: every
+    float32/float16/bfloat16 value is a float64 value)."""
+    if t is None or t.dtype == torch.float64:
+        return t
+    return t.to(torch.float64)
+
+
+def read_as(t: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    """An op's tensor in the dtype of the input ``x`` it is applied to (a float64 input reads it exactly)."""
+    if t is None or t.dtype == x.dtype or not x.is_floating_point():
+        return t
+    return t.to(x.dtype)
 
 
 def symmetric(padding: Pairs) -> bool:

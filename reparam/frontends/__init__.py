@@ -2,5 +2,9 @@
 with the same parts: recognizers (source op → IR op), an importer, emitters, an exporter and a backend (the fuse
 driver). ``pipeline`` holds what the drivers share; ``rulesets`` picks the rules of a run."""
 
-# torch.export's concrete capture, which the FX capture uses where symbolic tracing sees less (it registers itself)
-from reparam.frontends.aten import concrete as _concrete  # noqa: E402,F401
+from reparam.frontends.fx import capture as _capture
+
+# torch.export's concrete capture, which the FX capture uses where symbolic tracing sees less: registered by name,
+# imported (with the ATen recognizers it registers) the first time a model needs it
+if "reparam.frontends.aten.concrete:_capture" not in _capture.CONCRETE_CAPTURES:
+    _capture.CONCRETE_CAPTURES.append("reparam.frontends.aten.concrete:_capture")

@@ -3,8 +3,10 @@
 Conventions: a conv weight ``W`` has shape ``[out, in/groups, *k]`` with ``nd = W.ndim - 2`` spatial
 axes (``nd == 0``: ``W`` is ``[out, in]``, a Linear / 1x1 on a rank-2 input). Paddings are per axis
 ``((lo, hi), ...)``, applied as ``F.pad`` followed by a conv with padding 0. Stride and dilation are
-tuples of length ``nd``. Inputs and outputs are float64 (callers cast once); inputs are never
-modified in place. An input bias of ``None`` means zero; returned biases are always tensors.
+tuples of length ``nd``. Inputs and outputs are float64 (callers cast the model's tensors to float64 once,
+``sum_padded``, and ``fold_affine_after`` with a per-channel float64 scale, read narrower kernels as they are:
+type promotion computes in float64); inputs are never modified in place. An input bias of ``None`` means
+zero; returned biases are always tensors.
 """
 from __future__ import annotations
 
@@ -127,7 +129,8 @@ def _window(kernel_size, offset) -> tuple:
 def sum_padded(terms, size):
     """``Σ cᵢ·pad(Wᵢ)``: kernels ``Wᵢ`` (``[out, in/g, *kᵢ]``, each placed at tap offset ``oᵢ`` in a kernel of
     ``size``) times scalars ``cᵢ``, summed into one fresh float64 ``[out, in/g, *size]`` tensor. ``terms`` are
-    ``(W, offset, c)``. The result is written in place, window by window: a term that fills the whole
+    ``(W, offset, c)``; each ``W`` is float64 or a narrower floating dtype, read exactly as float64 (no float64
+    copy of it is made). The result is written in place, window by window: a term that fills the whole
     kernel starts it (``c·W``, one write), the others are added into their windows; no padded or scaled
     copies are made. Exact in the sense of float64 summation (the same sums as padding then adding)."""
     terms = list(terms)
@@ -143,7 +146,9 @@ def sum_padded(terms, size):
         out = first.new_zeros(*first.shape[:2], *size, dtype=torch.float64)
     else:
         W, _, c = terms.pop(full)
-        out = W.to(torch.float64, copy=True) if c == 1 else torch.mul(W.to(torch.float64), c)
+        out = W.to(torch.float64, copy=True)
+        if c != 1:
+            out.mul_(c)
     for W, off, c in terms:
         view = out[_window(W.shape[2:], off)]
         if c == 1:

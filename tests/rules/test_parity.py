@@ -55,6 +55,11 @@ CASES = {
     "bn_prefold": (lambda: nn.Sequential(nn.BatchNorm2d(4), conv(k=1)), (1, 4, 6, 6), 1),
     "affine_through_pool": (lambda: nn.Sequential(conv(), nn.ReLU(), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1),
                                                   nn.Flatten(), nn.Linear(4, 3)), (2, 4, 6, 6), 2),
+    # F.pad(value=v) after a 1×1 conv whose bias (here the folded + v) is v in every channel: ONNX Pad's constant_value
+    "const_pad_commute": (lambda: Fn(lambda s, x: s.b(F.pad(s.a(x) + 0.5, [1] * 4, value=0.5)),
+                                     a=conv(k=1, bias=False), b=conv(padding=0)), (1, 4, 6, 6), 1),
+    "crop_as_pad": (lambda: Fn(lambda s, x: s.a(x) + s.b(x[:, :, :, 1:-1]), a=conv(padding=0),
+                               b=nn.Conv2d(4, 4, (3, 1))), (1, 4, 6, 6), 1),
     "conv_transpose_bn_fold": (lambda: nn.Sequential(nn.ConvTranspose2d(4, 4, 3, stride=2, padding=1),
                                                      nn.BatchNorm2d(4)), (1, 4, 5, 5), 1),
     "parallel_conv_transpose": (lambda: Fn(lambda s, x: s.a(x) + s.b(x), a=nn.ConvTranspose2d(4, 4, 4, 2, 1),

@@ -4,7 +4,7 @@ Each ATen call is normalized against its schema (positional and keyword argument
 filled in) and mapped to the same op the functional form would give: conv1d/2d/3d and convolution
 (not transposed), batch_norm (training=False, constant running statistics), linear, addmm/mm on a
 constant weight, add/sub (alpha), mul/div by a scalar or per-axis constant, neg, cat, chunk/split
-(through their getitems), pad/constant_pad_nd with zeros, mean over dims, flatten, a view that merges
+(through their getitems), a unit-step slice, pad/constant_pad_nd with zeros, mean over dims, flatten, a view that merges
 a run of axes, dropout (train=False), clone, alias, avg_pool and adaptive average pooling to 1.
 Anything else stays opaque. :func:`normalize` rewrites decomposed batch norm
 (``_native_batch_norm_legit_no_training``/``native_batch_norm`` + getitem 0) into ``aten.batch_norm``.
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from reparam.core import vocabulary as vocab
 from reparam.core.vocabulary import arguments
 from reparam.frontends.fx import importer
-from reparam.core.ops import AvgPool, Flatten, Identity, Linear, Mean, f64
+from reparam.core.ops import AvgPool, Flatten, Identity, Linear, Mean, Slice, f64, held
 
 
 aten = torch.ops.aten
@@ -59,8 +59,10 @@ def _mm(imp, n, a, bias=None, beta=1, alpha=1):
         return None
     if b is not None and tuple(b.shape) not in ((w.shape[1],), (1, w.shape[1])):
         return None
-    weight = f64(w).t().contiguous() * float(alpha)
-    return Linear(weight, None if b is None else f64(b).reshape(-1) * float(beta),
+    # the model's tensors as they are where no scaling is asked for; a scaled one is computed in float64
+    weight = held(w).t() if alpha == 1 else f64(w).t().contiguous() * float(alpha)
+    bias = None if b is None else held(b).reshape(-1) if beta == 1 else f64(b).reshape(-1) * float(beta)
+    return Linear(weight, bias,
                   dtype=imp.dtype_of(a["mat2"]), device=w.device), [a["self"]]
 
 
@@ -89,6 +91,21 @@ def _pad(imp, n, a):
     if a.get("mode", "constant") != "constant":
         return None
     return imp.function(n, F.pad, (a["self"], list(a["pad"]), "constant", a.get("value") or 0), {})
+
+
+def _slice(imp, n, a):
+    """x[..., start:end, ...] with step 1 on a known shape: a Slice (bounds resolved against the size)."""
+    from reparam.frontends.fx.nodes import fx_shape
+
+    x = a["self"]
+    shape = fx_shape(x) if isinstance(x, fx.Node) else None
+    if shape is None or imp.const(x) is not None or a.get("step", 1) != 1:
+        return None
+    dim = int(a["dim"]) % len(shape)
+    start, stop, _ = slice(a.get("start"), a.get("end")).indices(shape[dim])
+    if (start, stop) == (0, shape[dim]):
+        return Identity(), [x]
+    return Slice(dim, start, max(start, stop)), [x]
 
 
 def _mean(imp, n, a):
@@ -177,6 +194,7 @@ HANDLERS: dict[OpOverload, Callable] = {
     aten.neg.default: _neg,
     aten.cat.default: _cat,
     aten.pad.default: _pad, aten.constant_pad_nd.default: _pad,
+    aten.slice.Tensor: _slice,
     aten.mean.dim: _mean,
     aten.flatten.using_ints: _flatten,
     aten.view.default: _view, aten.reshape.default: _view, aten._unsafe_view.default: _view,

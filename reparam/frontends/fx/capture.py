@@ -13,6 +13,7 @@ import collections
 import contextlib
 import copy
 import functools
+import importlib
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -51,8 +52,18 @@ def first_line(err: BaseException) -> str:
 _first_line = first_line
 
 # Captures that record a module on its example inputs: callables (module, inputs) -> GraphModule with shapes on
-# its nodes, raising on failure. The ATen front end registers torch.export's (reparam.frontends.aten.concrete).
-CONCRETE_CAPTURES: list[Callable[[nn.Module, tuple | None], fx.GraphModule]] = []
+# its nodes, raising on failure, or the name "module:function" of one, imported the first time a capture is needed
+# (torch.export's, reparam.frontends.aten.concrete, is registered by name: importing it costs a quarter second).
+CONCRETE_CAPTURES: list[Callable[[nn.Module, tuple | None], fx.GraphModule] | str] = []
+
+
+def concrete_captures() -> list[Callable[[nn.Module, tuple | None], fx.GraphModule]]:
+    """The registered concrete captures, those registered by name imported now (each once)."""
+    for k, c in enumerate(CONCRETE_CAPTURES):
+        if isinstance(c, str):
+            module, name = c.split(":")
+            CONCRETE_CAPTURES[k] = getattr(importlib.import_module(module), name)
+    return list(dict.fromkeys(CONCRETE_CAPTURES))
 
 _SHAPE_QUERIES = {"size", "dim", "numel", "nelement"}
 _SHAPE_ATTRS = {"shape", "ndim"}
@@ -228,7 +239,7 @@ def capture_one(module: nn.Module, inputs: tuple | None) -> tuple[fx.GraphModule
         why = first_line(err)
         failure = err
     reasons = []
-    for concrete in CONCRETE_CAPTURES if inputs is not None else ():
+    for concrete in concrete_captures() if inputs is not None else ():
         try:
             return concrete(module, inputs), True, f"captured on the example inputs ({why})"
         except Exception as err:  # noqa: BLE001

@@ -28,6 +28,13 @@ _FREE = {"detach", "lift_fresh", "_to_copy", "empty", "empty_like", "zeros", "on
 class _AtenCounter(TorchDispatchMode):
     """Counts the ATen calls made while active (views and allocations left out)."""
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # torch wraps a mode's __torch_dispatch__ in torch._dynamo.disable unless this says False; that wrapper
+        # imports torch._dynamo (about 2 s) at the first call, for a guard against compiling inside the mode,
+        # which never happens here: counting runs eagerly
+        return False
+
     def __init__(self, own: set[int]):
         super().__init__()
         self.own = own

@@ -5,7 +5,7 @@ modules (nn.Conv*, nn.Linear) or plain calls, with tensors cast once to the dtyp
 on the op. New modules are named after the module path they replace, so the deploy model reads like
 the training model. How a new op is written is its op kind's FX emitter (:mod:`reparam.core.vocabulary`);
 :class:`FxExporter` is the emitter's ``ctx``: ``call`` (a call_function node), ``module`` (a new submodule and
-its call), ``attr`` (a new constant), ``cast`` (a float64 tensor to the op's deploy dtype and device).
+its call), ``attr`` (a new constant), ``cast`` (an op's tensor to its deploy dtype and device).
 """
 from __future__ import annotations
 
@@ -25,13 +25,18 @@ from reparam.errors import ExportError
 from reparam.frontends.fx.nodes import FxOrigin
 from reparam.core.ir import Graph, Node
 from reparam.core.ops import (Affine, AvgPool, Cat, Conv, Flatten, Identity, Input, Linear, Mean, Op, Pad, Permute,
-                              Slice, Sum, symmetric)
+                              Slice, Sum, borrowed, symmetric)
 
 
 def _cast(t: torch.Tensor | None, op: Op) -> torch.Tensor | None:
+    """An op's tensor in its deploy dtype and device, rounded once (a rewrite's float64 result) or as it is (a
+    model tensor the op holds, copied: the deploy model never shares the original's storage)."""
     if t is None:
         return None
-    return t.to(device=op.device or "cpu", dtype=op.dtype or torch.float32)
+    out = t.to(device=op.device or "cpu", dtype=op.dtype or torch.float32)
+    if out.data_ptr() == t.data_ptr() and borrowed(t):
+        out = out.clone(memory_format=torch.contiguous_format)
+    return out
 
 
 _TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}  # of the self-check, by deploy dtype (else 1e-2)
@@ -159,7 +164,7 @@ class FxExporter:
     def emit(self, n: Node) -> fx.Node:
         if isinstance(n.origin, FxOrigin):
             o = n.origin
-            if isinstance(n.op, Slice) and o.node.target is operator.getitem:
+            if isinstance(n.op, Slice) and o.node.target is operator.getitem and isinstance(o.node.args[1], int):
                 return self.emit_split_item(n)
             mapping = {old: self.env[new.id] for old, new in zip(o.inputs, n.inputs)}
             if o.node.op in ("placeholder", "get_attr") and o.node in self.copied:

@@ -3,11 +3,13 @@
 Recognized: nn.Conv1d/2d/3d, nn.BatchNorm1d/2d/3d (eval, running statistics), nn.Linear, nn.Identity,
 nn.Dropout*, nn.AvgPool*, nn.AdaptiveAvgPool(1), nn.Flatten, F.conv*/F.linear on constant weights,
 F.batch_norm on constant buffers (training=False), constant-zero F.pad, +, −, neg, * and / by a scalar
-or a per-axis constant, torch.cat, chunk/split (through their getitems), mean, flatten, dropout(eval).
+or a per-axis constant, torch.cat, chunk/split (through their getitems), unit-step slices of one axis
+(``x[:, :, a:b]``), mean, flatten, dropout(eval).
 Every recognizer, built-in or a user's, sits in the registries of :mod:`reparam.core.vocabulary` (by module
 class, function target, method name; the ATen front end registers torch.export's overloads the same way);
 :class:`FxImporter` is what a recognizer gets as ``ctx``: ``const``, ``dtype_of``, ``shape``, ``note``,
-``function`` (recognize a call as another target would be), ``arithmetic``.
+``function`` (recognize a call as another target would be), ``arithmetic``, ``written_anew`` (an op read
+through intermediate nodes).
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ import reparam.rules  # noqa: F401  (the built-in op kinds beyond the core vocab
 from reparam.frontends.fx.capture import has_hooks
 from reparam.core.ir import Graph, Node
 from reparam.core.ops import (Affine, AvgPool, Cat, Conv, Flatten, Identity, Input, Linear, Mean, Opaque, Pad, Permute,
-                              Slice, Sum, f64, per_axis)
+                              Slice, Sum, f64, held, per_axis)
 from reparam.frontends.fx.nodes import FxOrigin, fx_dtype, fx_shape, scoped_name
 from reparam.frontends.fx.shapes import same_forward
 
@@ -48,7 +50,7 @@ def conv_op(weight, bias, stride, padding, dilation, groups, padding_mode="zeros
             return None
     else:
         pads = tuple((p, p) for p in _tuple(padding, nd))
-    return Conv(f64(weight), f64(bias), stride, pads, dilation, int(groups), padding_mode,
+    return Conv(held(weight), held(bias), stride, pads, dilation, int(groups), padding_mode,
                 dtype=weight.dtype, device=weight.device)
 
 
@@ -69,6 +71,7 @@ class FxImporter:
         self.const_dtypes: dict[fx.Node, torch.dtype] = {}  # a folded float constant's dtype in the model
         self.native: dict[fx.Node, Any] = {}  # a folded float constant as the model computes it
         self.notes: list[str] = []
+        self.anew: set[fx.Node] = set()  # recognized through intermediate nodes: no source node to copy
 
     # --- constants -------------------------------------------------------------------------
     def const(self, a) -> Any:
@@ -82,6 +85,11 @@ class FxImporter:
     def shape(self, a) -> tuple[int, ...] | None:
         """The traced shape of a node argument (None when unknown)."""
         return fx_shape(a) if isinstance(a, fx.Node) else None
+
+    def written_anew(self, n: fx.Node) -> None:
+        """Mark ``n``'s op as read through intermediate nodes (its data inputs are not ``n``'s own): the deploy
+        graph writes it from the op (its emitter) rather than copying ``n``, which reads those nodes."""
+        self.anew.add(n)
 
     def note(self, message: str) -> None:
         """A note for the report on why something was left as is."""
@@ -179,7 +187,11 @@ class FxImporter:
         if found is None:
             return self.opaque(n)
         op, data = found
-        return self._node(op, n, data, name=n.target if n.op == "call_module" else None)
+        node = self._node(op, n, data, name=n.target if n.op == "call_module" else None)
+        if n in self.anew:  # named after the module that wrote it, not after its last intermediate node
+            node.origin = None
+            node.name = node.name[:-len(n.name) - 1] if node.name.endswith("." + n.name) else node.name
+        return node
 
     def module(self, n: fx.Node):
         m = self.modules[n.target]
@@ -334,7 +346,7 @@ def _linear_module(ctx: FxImporter, n: fx.Node, m: nn.Module):
     x = _only_input(n)
     if x is None or not same_forward(m, nn.Linear):
         return None
-    return Linear(f64(m.weight), f64(m.bias), dtype=m.weight.dtype, device=m.weight.device), [x]
+    return Linear(held(m.weight), held(m.bias), dtype=m.weight.dtype, device=m.weight.device), [x]
 
 
 @vocab.fx_module(nn.Identity, nn.modules.dropout._DropoutNd)
@@ -387,7 +399,7 @@ def _linear_function(ctx: FxImporter, n, args, kwargs):
     w, b = ctx.const(a["weight"]), ctx.const(a.get("bias"))
     if w is None or (a.get("bias") is not None and b is None):
         return None
-    return Linear(f64(w), f64(b), dtype=ctx.dtype_of(a["weight"]), device=w.device), [a["input"]]
+    return Linear(held(w), held(b), dtype=ctx.dtype_of(a["weight"]), device=w.device), [a["input"]]
 
 
 @vocab.fx_function(F.batch_norm, torch.batch_norm)
@@ -434,6 +446,35 @@ def _cat_function(ctx: FxImporter, n, args, kwargs):
 @vocab.fx_function(operator.getitem)
 def _getitem_function(ctx: FxImporter, n, args, kwargs):
     return ctx.getitem(n)
+
+
+@vocab.fx_function(operator.getitem)
+def _crop_function(ctx: FxImporter, n, args, kwargs):
+    """x[:, :, a:b] / x[..., a:b]: slices with unit step that narrow one axis of a known shape, as a Slice."""
+    x, index = args
+    shape = ctx.shape(x)
+    if shape is None or ctx.const(x) is not None or not isinstance(x, fx.Node):
+        return None
+    index = index if isinstance(index, tuple) else (index,)
+    if index.count(Ellipsis) > 1 or not all(isinstance(i, slice) or i is Ellipsis for i in index):
+        return None
+    if Ellipsis in index:
+        k = index.index(Ellipsis)
+        index = index[:k] + (slice(None),) * (len(shape) - len(index) + 1) + index[k + 1:]
+    if len(index) > len(shape):
+        return None
+    narrowed = []
+    for dim, s in enumerate(index):
+        if not all(v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in (s.start, s.stop, s.step)):
+            return None
+        start, stop, step = s.indices(shape[dim])
+        if step != 1:
+            return None
+        if (start, stop) != (0, shape[dim]):
+            narrowed.append(Slice(dim, start, max(start, stop)))
+    if len(narrowed) > 1:
+        return None  # one IR op per node: a crop of several axes stays opaque here (the ATen capture splits it)
+    return (narrowed[0] if narrowed else Identity()), [x]
 
 
 @vocab.fx_function(torch.flatten)

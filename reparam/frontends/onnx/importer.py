@@ -69,6 +69,17 @@ def _f64(a) -> torch.Tensor | None:
     return torch.from_numpy(np.array(a, dtype=np.float64))
 
 
+def _held(a) -> torch.Tensor | None:
+    """A floating-point initializer as a tensor in its own dtype, sharing the array's memory (the weights of
+    the ops that hold the model's tensors as they are); anything else as ``_f64`` reads it."""
+    if a is None:
+        return None
+    a = np.asarray(a)
+    if a.dtype not in (np.float16, np.float32, np.float64):
+        return _f64(a)
+    return torch.from_numpy(a if a.flags.writeable else a.copy())
+
+
 def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
     """The graphs held by ``node``'s attributes (If branches, Loop/Scan bodies, any GRAPH(S) attribute)."""
     out: list[onnx.GraphProto] = []
@@ -351,7 +362,7 @@ class OnnxImporter:
         pads = self.auto_pads(n, x.name, stride, [d * (kk - 1) + 1 for d, kk in zip(dilation, w.shape[2:])])
         if pads is None:
             return None
-        return Conv(_f64(w), _f64(b), stride, pads, dilation, int(_attr(n, "group", 1)), "zeros",
+        return Conv(_held(w), _held(b), stride, pads, dilation, int(_attr(n, "group", 1)), "zeros",
                     dtype=self.dtype(x.name)), [x]
 
     def auto_pads(self, n, x: str, stride, extent):
