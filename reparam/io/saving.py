@@ -53,12 +53,13 @@ def _as_module(obj: Any) -> nn.Module:
     cannot be pickled; it is dropped, the computation is unchanged."""
     if not isinstance(obj, torch.export.ExportedProgram):
         return obj
-    import copy
-
     import torch.fx as fx
 
     unlifted = obj.module()
-    plain = fx.GraphModule(unlifted, copy.deepcopy(unlifted.graph))  # a Graph's deepcopy keeps its code generator
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(unlifted.graph, {}))
+    graph._codegen = unlifted.graph._codegen
+    plain = fx.GraphModule(unlifted, graph)
     for node in list(plain.graph.nodes):
         if node.op == "call_module" and node.target == "_guards_fn" and not node.users:
             plain.graph.erase_node(node)
