@@ -58,7 +58,9 @@ def _as_module(obj: Any) -> nn.Module:
     unlifted = obj.module()
     graph = fx.Graph()
     graph.output(graph.graph_copy(unlifted.graph, {}))
-    graph._codegen = unlifted.graph._codegen
+    # a fresh Graph (its tracer class must be the default, or the pickle cannot be loaded) given the unlifted
+    # graph's code generator (its pytree in/out spec): torch.fx has a public setter but no getter for it
+    graph.set_codegen(unlifted.graph._codegen)
     plain = fx.GraphModule(unlifted, graph)
     for node in list(plain.graph.nodes):
         if node.op == "call_module" and node.target == "_guards_fn" and not node.users:
