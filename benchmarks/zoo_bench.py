@@ -116,18 +116,6 @@ def capture_section(rows: list[dict], started, load) -> str:
     return "\n".join(out + ["", CAPTURE_END, ""])
 
 
-def write_capture_section(section: str) -> None:
-    text = DOC.read_text()
-    if CAPTURE_BEGIN in text:
-        head, rest = text.split(CAPTURE_BEGIN, 1)
-        text = head + section + rest.split(CAPTURE_END, 1)[1].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    tmp = DOC.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    tmp.replace(DOC)
-
-
 BLOCKS_BEGIN, BLOCKS_END = "<!-- authors' blocks: python -m benchmarks.zoo_bench --blocks -->", "<!-- /blocks -->"
 BLOCK_SIZE = 56
 
@@ -274,7 +262,7 @@ def main(argv=None) -> int:
         section = capture_section([capture_row(n, s) for n, s in CAPTURE_MODELS.items()], started, load)
         print(section)
         if not args.no_write:
-            write_capture_section(section)
+            write_section(section, CAPTURE_BEGIN, CAPTURE_END)
             print(f"wrote {DOC.relative_to(DOC.parent.parent)}")
         return 0
     names = [n.strip() for n in args.models.split(",") if n.strip()]

@@ -20,12 +20,7 @@ TIMM_MODELS = ["repvit_m0_9", "fastvit_t8", "mobileone_s0", "repghostnet_050", "
 SIZE = 64  # the smallest size all five take (efficientvit_m0's attention needs 64)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def close(got, want, tol=1e-5) -> bool:

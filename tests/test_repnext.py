@@ -30,13 +30,7 @@ from reparam.frontends.fx.counting import count_model
 AUTHORS_DEPLOY_PARAMS = {"m0": 2.33e6, "m1": 4.83e6, "m2": 6.47e6, "m3": 7.82e6, "m4": 13.34e6, "m5": 21.74e6}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """pytest -n 2 already uses both cores; keep torch from oversubscribing them."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _conv(k, cin, cout, groups, stride, padding):

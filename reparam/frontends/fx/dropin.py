@@ -24,16 +24,12 @@ import functools
 import torch.fx as fx
 import torch.nn as nn
 
-from reparam.frontends.fx.capture import Capture, Region, has_hooks, record_inputs, structure_copy, trace
+from reparam.frontends.fx.capture import (Capture, Region, first_line, has_hooks, record_inputs, structure_copy,
+                                          trace)
 from reparam.frontends.fx.shapes import attach_shapes
 
 CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 GRAPH_NAME = "fused_forward"  # the submodule holding an installed whole graph
-
-
-def _first_line(err: BaseException) -> str:
-    text = f"{type(err).__name__}: {err}".strip().splitlines()
-    return text[0][:200] if text else type(err).__name__
 
 
 def boundary_capture(model: nn.Module, example_inputs: tuple | None) -> Capture:
@@ -63,7 +59,7 @@ def _capture_below(module: nn.Module, prefix: str, recorded: dict[str, tuple], o
                 out.regions.append(Region(path, gm, inputs))
                 continue
             except Exception as err:
-                out.opaque[path] = _first_line(err)
+                out.opaque[path] = first_line(err)
         _capture_below(child, path, recorded, out)
 
 
