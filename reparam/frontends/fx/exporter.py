@@ -106,6 +106,7 @@ class FxExporter:
     def __init__(self, g: Graph, source: fx.GraphModule, dtype: torch.dtype | None, copy_modules: bool,
                  self_check: bool = True):
         self.g, self.source, self.dtype, self.self_check = g, source, dtype, self_check
+        self.checked: set = set()  # signatures of new ops whose emitted nodes were checked (see check_emitted)
         self.memo: dict | None = {} if copy_modules else None  # one memo: tied modules stay tied
         self.out = fx.Graph()
         self.attrs: dict[str, Any] = {}
@@ -192,18 +193,13 @@ class FxExporter:
         shapes = check_shapes(n.inputs, [n.op])
         if not new or shapes is None:
             return
-        g, mapping = fx.Graph(), {}
-        for k, x in enumerate(xs):
-            if x not in mapping:
-                mapping[x] = g.placeholder(f"x{k}")
-        try:
-            for node in new:
-                mapping[node] = g.node_copy(node, lambda a: mapping[a])
-        except KeyError:  # the emitter read a value that is not an input of the op: nothing to check alone
-            return
-        g.output(mapping[y])
-        root = {node.target: self.attrs[node.target] for node in new if node.op in ("call_module", "get_attr")}
-        probe = fx.GraphModule(root, g)
+        signature = _signature(n.op, shapes, [(node.op, type(self.attrs[node.target]) if node.op == "call_module"
+                                                  else None if node.op == "get_attr" else node.target)
+                                                 for node in new])
+        if signature in self.checked:
+            return  # the same emitter wrote this geometry already, and was checked on it
+        if any(a not in xs and a not in new for node in new for a in node.all_input_nodes):
+            return  # the emitter read a value that is not an input of the op: nothing to check alone
         op = _in_dtype(n.op, self.dtype)
         dtype = op.dtype or (n.dtype if n.dtype is not None and n.dtype.is_floating_point else torch.float32)
         gen = torch.Generator().manual_seed(0)
@@ -212,7 +208,8 @@ class FxExporter:
         with torch.no_grad():
             want = n.op.evaluate(*inputs)
             try:
-                got = probe(*[x.to(device=op.device or "cpu", dtype=dtype) for x in inputs])
+                got = self._run_nodes(new, dict(zip(xs, (x.to(device=op.device or "cpu", dtype=dtype)
+                                                         for x in inputs))), y)
             except Exception as err:
                 detail = f"they fail to run: {type(err).__name__}: {err}"
             else:
@@ -224,6 +221,26 @@ class FxExporter:
                         detail = f"relative error {err:.3g} on random inputs"
         if detail is not None:
             raise ExportError("FX", repr(n.op), n.name, detail)
+        if signature is not None:
+            self.checked.add(signature)
+
+    def _run_nodes(self, nodes: list[fx.Node], env: dict, result: fx.Node):
+        """Run ``nodes`` (just written, in order) on the values ``env`` gives their inputs, as a GraphModule of
+        them would (without building one): get_attr / call_module read this exporter's attributes."""
+        env = dict(env)
+        for node in nodes:
+            args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda a: env[a])
+            if node.op == "get_attr":
+                env[node] = self.attrs[node.target]
+            elif node.op == "call_module":
+                env[node] = self.attrs[node.target](*args, **kwargs)
+            elif node.op == "call_function":
+                env[node] = node.target(*args, **kwargs)
+            elif node.op == "call_method":
+                env[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
+            else:
+                raise RuntimeError(f"unexpected node {node.op}")
+        return env[result]
 
     def emit_split_item(self, n: Node) -> fx.Node:
         getitem = n.origin.node
@@ -340,6 +357,24 @@ def _emit_flatten(ctx: FxExporter, n: Node, op: Flatten, xs):
 @vocab.fx_emitter(Identity)
 def _emit_identity(ctx: FxExporter, n: Node, op: Identity, xs):
     return xs[0]
+
+
+def _signature(op: Op, shapes, written: list) -> tuple | None:
+    """What the nodes written for ``op`` can get wrong besides its tensor values: the op kind, the input shapes,
+    each field (a tensor by its shape, dtype and device) and the kinds of nodes written (an emitter that takes
+    another path for other values writes other nodes). None when a field cannot be compared."""
+    import dataclasses
+
+    fields = []
+    for f in dataclasses.fields(op):
+        v = getattr(op, f.name)
+        v = (tuple(v.shape), v.dtype, v.device) if isinstance(v, torch.Tensor) else v
+        try:
+            hash(v)
+        except TypeError:
+            return None
+        fields.append((f.name, v))
+    return type(op), tuple(tuple(s) for s in shapes), tuple(fields), tuple(written)
 
 
 def export_fx(g: Graph, source: fx.GraphModule, dtype: torch.dtype | None = None,
