@@ -58,12 +58,12 @@ def import_graph_module(gm: fx.GraphModule, report: Report, path: str = "") -> R
     return Region(path, graph, source=gm)
 
 
-def export_region(region: Region, dtype: torch.dtype | None = None) -> fx.GraphModule:
+def export_region(region: Region, dtype: torch.dtype | None = None, checked: set | None = None) -> fx.GraphModule:
     """The region's rewritten graph as a GraphModule; ``dtype=torch.float64``: every new tensor in float64, as
-    computed (not cast), for exact verification."""
+    computed (not cast), for exact verification. ``checked``: the exporter self-checks of this run so far."""
     if dtype is None:
-        return export_fx(region.graph, region.source, copy_modules=True)
-    return export_fx(region.graph, region.source, dtype)
+        return export_fx(region.graph, region.source, copy_modules=True, checked=checked)
+    return export_fx(region.graph, region.source, dtype, checked=checked)
 
 
 def fx_opaque_kind(node: Node) -> str:
@@ -115,6 +115,7 @@ class FxFrontEnd:
         self._report: Report | None = None  # the report of the rewrite in progress (where each region's log starts)
         self._boundary: Report = Report()  # the boundary regions' import and assembly notes
         self._regions: list[Region] = []
+        self.checked: set = set()  # the exporter's self-checks done in this run (by signature)
         self.inputs = _as_tuple(example_inputs)
         self.guessed = False
         if self.inputs is None:
@@ -175,7 +176,7 @@ class FxFrontEnd:
     def export(self, region: Region) -> fx.GraphModule:
         if self._report is not None:  # where this region's log starts in the report
             region.extra["log_from"] = (len(self._report.rules_fired), len(self._report.refusals))
-        return export_region(region)
+        return export_region(region, checked=self.checked)
 
     def assemble(self, regions: list[Region], report: Report) -> nn.Module:
         self._regions = regions
@@ -285,20 +286,21 @@ def float64_twin(fused: nn.Module, regions: list[Region], front: FxFrontEnd | No
     """``fused`` with each kept region's new tensors computed (not cast) in float64 (in the form ``front`` chose
     for a model traced whole)."""
     form = front.form if front is not None else None
+    checked = front.checked if front is not None else None
     if regions and regions[0].path == "" and form in (None, "graph") and len(regions) == 1:
-        return export_region(regions[0], torch.float64)
+        return export_region(regions[0], torch.float64, checked)
     if form == "sealed":
         with eval_mode(front.model):
-            return dropin.install(dropin.shell(front.model), export_region(regions[0], torch.float64), sealed=True)
+            return dropin.install(dropin.shell(front.model), export_region(regions[0], torch.float64, checked), sealed=True)
     paired = front is not None and front._paired(regions)
     out = dropin.uninstalled(copy.deepcopy(fused))  # the regions' own forward (the graph is put on again below)
     for r in regions[1:] if paired else regions:
         if r.extra.get("kept"):
-            region64 = export_region(r, torch.float64)
+            region64 = export_region(r, torch.float64, checked)
             carry_attributes(out.get_submodule(r.path), region64)
             set_submodule(out, r.path, region64)
     if paired and form == "installed":
-        dropin.install(out, export_region(regions[0], torch.float64), sealed=False)
+        dropin.install(out, export_region(regions[0], torch.float64, checked), sealed=False)
     return out
 
 

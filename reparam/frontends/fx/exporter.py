@@ -104,9 +104,10 @@ class FxExporter:
     """The writer of an FX graph; an emitter's ``ctx``."""
 
     def __init__(self, g: Graph, source: fx.GraphModule, dtype: torch.dtype | None, copy_modules: bool,
-                 self_check: bool = True):
+                 self_check: bool = True, checked: set | None = None):
         self.g, self.source, self.dtype, self.self_check = g, source, dtype, self_check
-        self.checked: set = set()  # signatures of new ops whose emitted nodes were checked (see check_emitted)
+        # signatures of new ops whose written nodes were checked (see check_emitted), shared by the exports of a run
+        self.checked: set = set() if checked is None else checked
         self.memo: dict | None = {} if copy_modules else None  # one memo: tied modules stay tied
         self.out = fx.Graph()
         self.attrs: dict[str, Any] = {}
@@ -193,7 +194,7 @@ class FxExporter:
         shapes = check_shapes(n.inputs, [n.op])
         if not new or shapes is None:
             return
-        signature = _signature(n.op, shapes, [(node.op, type(self.attrs[node.target]) if node.op == "call_module"
+        signature = _signature(n.op, self.dtype, shapes, [(node.op, type(self.attrs[node.target]) if node.op == "call_module"
                                                   else None if node.op == "get_attr" else node.target)
                                                  for node in new])
         if signature in self.checked:
@@ -359,7 +360,7 @@ def _emit_identity(ctx: FxExporter, n: Node, op: Identity, xs):
     return xs[0]
 
 
-def _signature(op: Op, shapes, written: list) -> tuple | None:
+def _signature(op: Op, dtype, shapes, written: list) -> tuple | None:
     """What the nodes written for ``op`` can get wrong besides its tensor values: the op kind, the input shapes,
     each field (a tensor by its shape, dtype and device) and the kinds of nodes written (an emitter that takes
     another path for other values writes other nodes). None when a field cannot be compared."""
@@ -374,19 +375,20 @@ def _signature(op: Op, shapes, written: list) -> tuple | None:
         except TypeError:
             return None
         fields.append((f.name, v))
-    return type(op), tuple(tuple(s) for s in shapes), tuple(fields), tuple(written)
+    return type(op), dtype, tuple(tuple(s) for s in shapes), tuple(fields), tuple(written)
 
 
 def export_fx(g: Graph, source: fx.GraphModule, dtype: torch.dtype | None = None,
-              copy_modules: bool = False, self_check: bool = True) -> fx.GraphModule:
+              copy_modules: bool = False, self_check: bool = True, checked: set | None = None) -> fx.GraphModule:
     """A GraphModule computing ``g``; unchanged parts are ``source``'s own modules (or copies of them).
 
     New tensors take the dtype recorded on each op, or ``dtype`` when given (float64 for verification). With
     ``self_check`` the nodes written for each new op are run on small random inputs against the op's own
     ``evaluate`` (float64), so an emitter bug raises :class:`reparam.errors.ExportError` naming the op and the
-    exporter, instead of failing the end-to-end verification as if a rule were wrong.
+    exporter, instead of failing the end-to-end verification as if a rule were wrong; each signature once per
+    ``checked`` set (one per fuse run).
     """
-    return FxExporter(g, source, dtype, copy_modules, self_check).run()
+    return FxExporter(g, source, dtype, copy_modules, self_check, checked).run()
 
 
 @vocab.fx_emitter(Permute)
