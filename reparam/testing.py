@@ -40,7 +40,7 @@ from reparam.core.rule import Rule
 
 __all__ = ["ConvSpec", "conv_specs", "bn_stats", "set_bn_stats", "randomize_bn", "randomize_params", "LinearBlockCase",
            "linear_blocks", "assert_equivalent", "assert_fires", "assert_refuses", "assert_fires_everywhere", "count_ops",
-           "onnx_of"]
+           "onnx_of", "shipped_onnx_files", "initializers_as_inputs"]
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
@@ -541,6 +541,33 @@ def assert_refuses(rule: Rule | str, model: nn.Module, inputs, reason_contains: 
         reasons = "; ".join(r["detail"] for r in mine)
         raise AssertionError(f"rule '{name}' refused, but no reason contains '{reason_contains}': {reasons}")
     return fused, report
+
+
+def shipped_onnx_files(dist: str) -> dict[str, str]:
+    """The .onnx files inside an installed distribution (file name → path), found without importing it; empty
+    when the distribution is not installed."""
+    import importlib.metadata
+    import os
+
+    try:
+        files = importlib.metadata.files(dist) or []
+    except importlib.metadata.PackageNotFoundError:
+        return {}
+    return {os.path.basename(str(f)): str(f.locate()) for f in files if str(f).endswith(".onnx")}
+
+
+def initializers_as_inputs(model):
+    """A copy of the ONNX ``model`` with every initializer also listed as a graph input, as exporters with
+    ``keep_initializers_as_inputs`` write it (face-detection files do): overridable defaults, not constants."""
+    import onnx
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    listed = {i.name for i in out.graph.input}
+    for init in out.graph.initializer:
+        if init.name not in listed:
+            out.graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    return out
 
 
 def onnx_of(model: nn.Module, inputs: tuple, *, fold: bool = False, **export_options):

