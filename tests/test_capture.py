@@ -11,18 +11,7 @@ import reparam
 from reparam.core.ops import Conv
 from reparam.core.pattern import P, X
 from reparam.frontends.fx.counting import count_model
-
-
-def randomize(module: nn.Module, seed: int = 0) -> nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            c = m.num_features
-            m.running_mean.copy_(torch.randn(c, generator=gen) * 0.3)
-            m.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
-            m.weight.data.copy_(torch.rand(c, generator=gen) + 0.5)
-            m.bias.data.copy_(torch.randn(c, generator=gen) * 0.3)
-    return module
+from tests.randomized import randomize
 
 
 class FunctionalBlock(nn.Module):

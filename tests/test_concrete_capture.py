@@ -11,18 +11,11 @@ from torch.nn.utils.parametrizations import weight_norm
 import reparam
 from reparam.frontends.fx.counting import count_model
 from reparam.frontends.fx.dropin import forward_graph
+from tests.randomized import randomize as randomize_batchnorms
 
 
 def randomize(module: nn.Module, seed: int = 0) -> nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            c = m.num_features
-            m.running_mean.copy_(torch.randn(c, generator=gen) * 0.3)
-            m.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
-            m.weight.data.copy_(torch.rand(c, generator=gen) + 0.5)
-            m.bias.data.copy_(torch.randn(c, generator=gen) * 0.3)
-    return module.eval()
+    return randomize_batchnorms(module, seed).eval()
 
 
 def fused_counts(model, x, **kw):
