@@ -147,6 +147,42 @@ def test_whole_graph_installed_when_it_folds_across_boundaries():
     assert dropin.installed_graph(roundtrip(fused)) is None
 
 
+class BlockThenNorm(nn.Module):
+    """``bn2(block(x))`` with ``block = Sequential(conv, bn1)``: the block is fused on its own (its conv absorbs
+    bn1), then the whole graph over it folds bn2 into that fused conv. Minimal form: one conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8))
+        self.bn2 = nn.BatchNorm2d(8)
+
+    def features(self, x):  # a method besides forward: the class is not sealed
+        return self.block(x)
+
+    def forward(self, x):
+        return self.bn2(self.block(x))
+
+
+def test_a_fold_across_a_boundary_rounds_once():
+    """The whole graph reads the fused block's conv as the float64 values it was rounded from: the installed
+    conv is the float32 rounding of the exact fold of both BatchNorms, bit for bit."""
+    model = randomized(BlockThenNorm())
+    x = torch.randn(2, 3, 8, 8)
+    fused, rep = reparam.fuse(model, x, report=True)
+    graph = dropin.installed_graph(fused)
+    assert graph is not None and rep.verification.error_fp64 <= 1e-13
+    convs = [m for m in graph.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 1 and not any(isinstance(m, nn.BatchNorm2d) for m in graph.modules())
+    conv, bn1, bn2 = (m.double() for m in copy_of([model.block[0], model.block[1], model.bn2]))
+    s1 = bn1.weight / (bn1.running_var + bn1.eps).sqrt()
+    s2 = bn2.weight / (bn2.running_var + bn2.eps).sqrt()
+    weight = conv.weight * (s1 * s2).view(-1, 1, 1, 1)
+    bias = ((conv.bias - bn1.running_mean) * s1 + bn1.bias - bn2.running_mean) * s2 + bn2.bias
+    assert torch.equal(convs[0].weight, weight.float()) and torch.equal(convs[0].bias, bias.float())
+    with torch.no_grad():
+        assert close(fused.features(x), model.features(x))
+
+
 def copy_of(model):
     import copy
     return copy.deepcopy(model)

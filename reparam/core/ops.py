@@ -18,6 +18,8 @@ How each front end reads and writes an op kind is registered in :mod:`reparam.co
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import weakref
 from dataclasses import dataclass, field, replace
@@ -456,6 +458,9 @@ def held(t: torch.Tensor | None) -> torch.Tensor | None:
         return None
     if not t.is_floating_point():
         return f64(t)
+    exact = exact_value(t)
+    if exact is not None:
+        return exact
     out = t.detach()
     if out.device.type != "cpu":
         return out.to("cpu")
@@ -464,6 +469,45 @@ def held(t: torch.Tensor | None) -> torch.Tensor | None:
         for k in [k for k, r in _HELD.items() if r() is None]:
             del _HELD[k]
     return out
+
+
+# Within one fuse run, the deploy tensors the exporter rounded from a rewrite's float64 result, and that result:
+# a graph read again from the deploy model (the whole graph over its fused submodules) computes from the exact
+# values, so a chain of rewrites still rounds once. Keyed by (storage, offset, shape, stride, dtype); the table
+# holds the rounded tensor, so its storage is not reused while the table lives.
+_EXACT: contextvars.ContextVar[dict | None] = contextvars.ContextVar("reparam_exact_values", default=None)
+
+
+def _key(t: torch.Tensor) -> tuple:
+    return _storage(t), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype
+
+
+@contextlib.contextmanager
+def exact_values(table: dict):
+    """For the duration (in this thread), tensors rounded by ``remember_exact`` are recorded in ``table``, and
+    ``held`` reads a tensor recorded there as its exact float64 value."""
+    token = _EXACT.set(table)
+    try:
+        yield table
+    finally:
+        _EXACT.reset(token)
+
+
+def remember_exact(rounded: torch.Tensor, exact: torch.Tensor) -> None:
+    """Record that the deploy tensor ``rounded`` is ``exact`` (float64) rounded, if a table is active."""
+    table = _EXACT.get()
+    if table is not None and exact.dtype == torch.float64 and rounded.dtype != torch.float64 and \
+            rounded.device.type == "cpu" and exact.shape == rounded.shape:
+        table[_key(rounded)] = (rounded, exact)
+
+
+def exact_value(t: torch.Tensor) -> torch.Tensor | None:
+    """The float64 value ``t`` was rounded from in this fuse run (see ``exact_values``), else None."""
+    table = _EXACT.get()
+    if not table or t.device.type != "cpu":
+        return None
+    hit = table.get(_key(t))
+    return hit[1] if hit is not None else None
 
 
 def borrowed(t: torch.Tensor) -> bool:

@@ -50,6 +50,10 @@ class FrontEnd(Protocol):
     def import_graphs(self, report: Report) -> list[Region]:
         """The IR graphs to rewrite, freshly read from the (unchanged) input; import notes go to ``report``."""
 
+    def import_more(self, regions: list[Region], report: Report) -> list[Region]:
+        """Optional. Regions read from the rewritten and exported ``regions`` (e.g. the whole graph of a model over
+        its fused submodules, where the rewrites that cross their boundaries remain), rewritten after them."""
+
     def export(self, region: Region) -> Any:
         """``region.graph`` (rewritten) written back in the front end's own form (the region's deploy object)."""
 

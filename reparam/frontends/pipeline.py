@@ -122,22 +122,47 @@ def rewrite(front: FrontEnd, rules: Sequence[Rule], check: bool, stop_after: int
     regions = front.import_graphs(report)
     if before_engine is not None:
         before_engine(regions)
-    budget = stop_after
+    budget = _rewrite_each(front, regions, rules, check, stop_after, report)
+    import_more = getattr(front, "import_more", None)
+    if import_more is not None:  # regions read from the rewritten ones (the whole graph over fused submodules)
+        more = import_more(regions, report) or []
+        _rewrite_each(front, more, rules, check, budget, report)
+        regions = regions + more
+    fused = front.assemble(regions, report)
+    return Rewritten(regions, fused, sum(r.count for r in regions))
+
+
+def _rewrite_each(front: FrontEnd, regions: list[Region], rules: Sequence[Rule], check: bool,
+                  budget: int | None, report: Report) -> int | None:
+    """Rewrite and export each region in turn, within ``budget`` rewrites in all; returns what is left of it.
+    A region's local checks finish while the next region is rewritten; every check has passed on return, and
+    a failed check is raised before any later error (an earlier wrong rewrite may explain it)."""
+    previous: Engine | None = None
     for region in regions:
         engine = Engine(list(rules), check=check, stop_after=budget)
-        log = engine.run(region.graph, wait=False)
         try:
-            region.fused = front.export(region)  # while the last local checks finish
-        finally:
-            engine.wait()
+            log = engine.run(region.graph, wait=False)
+            try:
+                region.fused = front.export(region)  # while the last local checks finish
+            except BaseException:
+                engine.wait()
+                raise
+        except BaseException:
+            if previous is not None:
+                previous.wait()
+            raise
+        if previous is not None:
+            previous.wait()
+        previous = engine
         prefix = f"{region.path}." if region.path else ""
         report.rules_fired += [dict(rule=e.rule, where=prefix + e.where, detail=e.detail) for e in log.fired_events()]
         report.refusals += [dict(rule=e.rule, where=prefix + e.where, detail=e.detail) for e in log.refusals()]
         region.count = engine.count
         if budget is not None:
             budget = max(budget - engine.count, 0)
-    fused = front.assemble(regions, report)
-    return Rewritten(regions, fused, sum(r.count for r in regions))
+    if previous is not None:
+        previous.wait()
+    return budget
 
 
 def opaque_note(front: FrontEnd, regions: list[Region]) -> str | None:

@@ -3,8 +3,8 @@
 The torch.fx adapter of the one fuse driver (:mod:`reparam.frontends.pipeline`): the model is captured (whole,
 else region by region), each region's graph imported to IR, rewritten, exported back as a GraphModule, and the
 regions put in place in a copy of the model. A model traced whole keeps its class (docs/design.md, "Drop-in
-deploy models"): the whole graph and the regions at its module boundaries are both rewritten, and the deploy
-model is built from one of them (:meth:`FxFrontEnd.assemble`)."""
+deploy models"): the regions at its module boundaries are rewritten, then the whole graph over them, and the
+deploy model is built from them (:meth:`FxFrontEnd.assemble`)."""
 from __future__ import annotations
 
 import copy
@@ -22,8 +22,10 @@ from reparam.errors import CaptureError, ReparamError
 from reparam.frontends import verify as verify_mod
 from reparam.frontends.base import Outputs, Region
 from reparam.frontends.fx import dropin
-from reparam.frontends.fx.capture import capture, eval_mode, example_inputs_for, set_submodule
-from reparam.frontends.fx.counting import count_run
+from reparam.core.ops import exact_values
+from reparam.frontends.fx.capture import (CONCRETE, capture, capture_one, eval_mode, example_inputs_for, first_line,
+                                          set_submodule, trace)
+from reparam.frontends.fx.counting import count_model, count_run
 from reparam.frontends.fx.exporter import export_fx
 from reparam.frontends.fx.import_check import misread_nodes
 from reparam.frontends.fx.importer import import_fx
@@ -58,12 +60,16 @@ def import_graph_module(gm: fx.GraphModule, report: Report, path: str = "") -> R
     return Region(path, graph, source=gm)
 
 
-def export_region(region: Region, dtype: torch.dtype | None = None, checked: set | None = None) -> fx.GraphModule:
+def export_region(region: Region, dtype: torch.dtype | None = None, checked: set | None = None, *,
+                  copy_modules: bool = True, source: nn.Module | None = None) -> fx.GraphModule:
     """The region's rewritten graph as a GraphModule; ``dtype=torch.float64``: every new tensor in float64, as
-    computed (not cast), for exact verification. ``checked``: the exporter self-checks of this run so far."""
+    computed (not cast), for exact verification (unchanged modules are shared then). ``checked``: the exporter
+    self-checks of this run so far. ``source``: where unchanged modules are found by path (the region's own
+    source by default)."""
+    source = region.source if source is None else source
     if dtype is None:
-        return export_fx(region.graph, region.source, copy_modules=True, checked=checked)
-    return export_fx(region.graph, region.source, dtype, checked=checked)
+        return export_fx(region.graph, source, copy_modules=copy_modules, checked=checked)
+    return export_fx(region.graph, source, dtype, checked=checked)
 
 
 def fx_opaque_kind(node: Node) -> str:
@@ -99,10 +105,12 @@ class FxFrontEnd:
     - 'installed': 'regions' with the whole graph installed as its forward, when the graph runs fewer convs,
       BatchNorms or Linear products on the example input than the regions do.
 
-    For the last two both versions are imported (the whole graph first, then the boundary regions) and rewritten
-    in one run, so the bisection counts the rewrites of both in that order; the form is chosen at the first
-    assembly and kept for the bisection's re-runs; both forward and the class's own forward through the fused
-    regions are verified; :meth:`finish` drops the unchosen version's rewrites from the report."""
+    For the last two the boundary regions are rewritten first; then the whole graph is read from the model with
+    them in place (:meth:`import_more`: their deploy tensors read as the float64 values they were rounded from)
+    and rewritten, so it only has the rewrites that cross their boundaries left to do. The form is chosen at the
+    first assembly and kept for the bisection's re-runs; both forward and the class's own forward through the
+    fused regions are verified; :meth:`finish` drops the whole graph's rewrites from the report when it is not
+    installed."""
 
     subject = "model"
 
@@ -112,10 +120,13 @@ class FxFrontEnd:
         self.model = model
         self.keep_class = keep_class
         self.form: str | None = None  # for a model traced whole: 'graph', 'sealed', 'regions' or 'installed'
+        self.composed = False  # the boundary regions, then the whole graph over them (forms 'regions'/'installed')
         self._report: Report | None = None  # the report of the rewrite in progress (where each region's log starts)
-        self._boundary: Report = Report()  # the boundary regions' import and assembly notes
+        self._whole_notes: list[str] = []  # the whole graph's capture and import notes (kept if it is installed)
+        self._assembled: tuple | None = None  # (model with the fused boundary regions, the (path, region)s kept)
         self._regions: list[Region] = []
         self.checked: set = set()  # the exporter's self-checks done in this run (by signature)
+        self.exact_of: dict = {}  # deploy tensors of the boundary regions -> the float64 values they round
         self.inputs = _as_tuple(example_inputs)
         self.guessed = False
         if self.inputs is None:
@@ -134,6 +145,10 @@ class FxFrontEnd:
             report.notes.append(f"no example inputs given; guessed one of shape {_shapes(self.inputs)}")
 
     def import_graphs(self, report: Report) -> list[Region]:
+        self._report = report
+        self.exact_of = {}
+        if self.composed or (self.form is None and self._whole_form() is None and self._traces_whole()):
+            return self._boundary_regions(report)
         with eval_mode(self.model):
             cap = capture(self.model, self.inputs)
             if self.inputs is not None and cap.regions and cap.regions[0].path == "" and not cap.shaped:
@@ -142,26 +157,66 @@ class FxFrontEnd:
                 except Exception as err:
                     raise CaptureError(f"the model does not run on inputs of shape {_shapes(self.inputs)}: "
                                        f"{type(err).__name__}: {err}") from err
+        whole = bool(cap.regions) and cap.regions[0].path == ""
+        if whole and self.form is None:
+            self.form = self._whole_form()
         report.opaque.update(cap.opaque)
+        if whole and self.form not in ("graph", "sealed"):  # captured whole only on the example inputs
+            return self._boundary_regions(report)
         report.notes.extend(cap.notes)
         if cap.opaque.get("") and cap.regions:
             report.notes.append(f"the model's forward could not be traced as a whole ({cap.opaque['']}); "
                                 f"{len(cap.regions)} traceable submodule(s) were fused separately")
-        self._report = report
         regions = [import_graph_module(r.gm, report, r.path) for r in cap.regions]
-        if not (regions and regions[0].path == ""):
-            return regions
-        regions[0].extra["whole"] = True
-        if self.form is None:
-            self.form = self._whole_form()
-        if self.form in ("graph", "sealed"):
-            return regions
-        self._boundary = Report()
+        if whole:
+            regions[0].extra["whole"] = True
+        return regions
+
+    def _traces_whole(self) -> bool:
+        """The model traces symbolically as one graph (the whole graph over its fused regions will be captured,
+        symbolically or on the example inputs, by :meth:`import_more`)."""
+        try:
+            with eval_mode(self.model):
+                trace(self.model)
+            return True
+        except Exception:  # noqa: BLE001 - the full capture decides
+            return False
+
+    def _boundary_regions(self, report: Report) -> list[Region]:
+        """A drop-in model's regions at the boundaries its code can observe (see dropin.boundary_capture); the
+        whole graph over them is read once they are rewritten (:meth:`import_more`)."""
+        self.composed = True
+        self._whole_notes = []
         with eval_mode(self.model):
-            boundary = dropin.boundary_capture(self.model, self.inputs)
-        self._boundary.opaque.update(boundary.opaque)
-        self._boundary.notes.extend(boundary.notes)
-        return regions + [import_graph_module(r.gm, self._boundary, r.path) for r in boundary.regions]
+            cap = dropin.boundary_capture(self.model, self.inputs)
+        report.opaque.update(cap.opaque)
+        report.notes.extend(cap.notes)
+        return [import_graph_module(r.gm, report, r.path) for r in cap.regions]
+
+    def import_more(self, regions: list[Region], report: Report) -> list[Region]:
+        """For a drop-in model: the whole graph, traced from the model with its fused boundary regions in place,
+        reading their deploy tensors as the float64 values they were rounded from (so every tensor of the
+        whole graph rounds once). None if it cannot be captured (the regions are the deploy model then)."""
+        if not self.composed:
+            return []
+        with eval_mode(self.model):
+            assembled, kept = _assemble(self.model, [(r.path, r) for r in regions], self.inputs, report)
+        self._assembled = (assembled, kept)
+        with eval_mode(assembled):
+            try:
+                gm, _, note = capture_one(assembled, self.inputs)
+            except Exception as err:  # noqa: BLE001 - the regions alone are the deploy model
+                self._whole_notes.append(f"the model with its fused submodules in place could not be traced as a "
+                                         f"whole: {first_line(err)}")
+                return []
+        if note:
+            self._whole_notes.append(note)
+        notes = Report()
+        with exact_values(self.exact_of):
+            whole = import_graph_module(gm, notes, "")
+        self._whole_notes.extend(notes.notes)
+        whole.extra.update(whole=True, concrete=gm.meta.get(CONCRETE, False))
+        return [whole]
 
     def _whole_form(self) -> str | None:
         """The form of a model traced whole, or None when the example input's counts choose it (at assembly)."""
@@ -169,14 +224,21 @@ class FxFrontEnd:
             return "graph"
         return "sealed" if dropin.is_sealed(type(self.model)) else None
 
-    def _paired(self, regions: list[Region]) -> bool:
-        """Both versions were rewritten: the deploy model is built from the boundary regions (and the graph)."""
-        return bool(regions) and regions[0].extra.get("whole", False) and self.form in (None, "regions", "installed")
+    @staticmethod
+    def _split(regions: list[Region]) -> tuple[Region | None, list[Region]]:
+        """(the whole graph's region or None, the other regions)."""
+        whole = next((r for r in regions if r.extra.get("whole")), None)
+        return whole, [r for r in regions if r is not whole]
 
     def export(self, region: Region) -> fx.GraphModule:
         if self._report is not None:  # where this region's log starts in the report
             region.extra["log_from"] = (len(self._report.rules_fired), len(self._report.refusals))
-        return export_region(region, checked=self.checked)
+        if not self.composed:
+            return export_region(region, checked=self.checked)
+        if region.extra.get("whole"):  # its unchanged modules are the deploy model's own: shared, not copied
+            return export_region(region, checked=self.checked, copy_modules=False)
+        with exact_values(self.exact_of):  # what the whole graph reads exactly (import_more)
+            return export_region(region, checked=self.checked)
 
     def assemble(self, regions: list[Region], report: Report) -> nn.Module:
         self._regions = regions
@@ -185,25 +247,31 @@ class FxFrontEnd:
         if self.form == "sealed":
             with eval_mode(self.model):
                 return dropin.install(dropin.shell(self.model), regions[0].fused, sealed=True)
-        whole, boundary = (regions[0], regions[1:]) if self._paired(regions) else (None, regions)
-        with eval_mode(self.model):
-            result, kept = _assemble(self.model, [(r.path, r) for r in boundary], self.inputs,
-                                     self._boundary if whole is not None else report)
+        whole, boundary = self._split(regions)
+        if self.composed and self._assembled is not None:
+            result, kept = self._assembled
+        else:
+            with eval_mode(self.model):
+                result, kept = _assemble(self.model, [(r.path, r) for r in boundary], self.inputs, report)
         kept_paths = {path for path, _ in kept}
         for r in boundary:
             r.extra["kept"] = r.path in kept_paths
-        if whole is None:
+        if not self.composed:
             return result
         if self.form is None:
-            self.form = self._choose(result, whole.fused, report)
+            self.form = self._choose(result, whole, report)
         return dropin.install(result, whole.fused, sealed=False) if self.form == "installed" else result
 
-    def _choose(self, by_regions: nn.Module, by_graph: nn.Module, report: Report) -> str:
+    def _choose(self, by_regions: nn.Module, whole: Region | None, report: Report) -> str:
         """'installed' when the whole graph runs fewer convs, BatchNorms or Linear products on the example input
-        than the model's own forward through its fused regions, else 'regions'."""
-        if self.inputs is None:
+        than the model's own forward through its fused regions, else 'regions' (also when the whole graph had
+        nothing left to rewrite: then it computes what the regions do)."""
+        if self.inputs is None or whole is None or whole.count == 0:
             return "regions"
-        ours, graph = count_run(by_regions, self.inputs), count_run(by_graph, self.inputs)
+        if whole.extra.get("concrete"):  # ATen graphs: counted by running them
+            ours, graph = count_run(by_regions, self.inputs), count_run(whole.fused, self.inputs)
+        else:  # straight-line graphs of the same calls: the whole graph as traced computes what the regions do
+            ours, graph = count_model(whole.source), count_model(whole.fused)
         if not any(getattr(ours, k) > getattr(graph, k) for k in ("convs", "bns", "linears")):
             return "regions"
         report.notes.append(
@@ -228,13 +296,13 @@ class FxFrontEnd:
         # float64 streamed (no float64 copy of the model); the original as it runs, on a copy of its modules
         exact = verify_mod.outputs_float64(self.model, self.probe)
         native = verify_mod.run(verify_mod.eval_view(self.model), self.probe)
-        twice = 2 if self._paired(regions) else 1
+        twice = 2 if self.composed else 1
         return Outputs(exact=exact * twice, native=native * twice)
 
     def _both(self, fused: nn.Module, run: Callable[[nn.Module], list]) -> list:
         """``run(fused)``, and for a drop-in model ``run`` of it on its class's own forward after it."""
         outs = run(fused)
-        if not self._paired(self._regions):
+        if not self.composed:
             return outs
         if self.form != "installed":
             return outs + outs
@@ -246,7 +314,7 @@ class FxFrontEnd:
         return self._both(twin, lambda m: verify_mod.outputs_float64(m, self.probe))
 
     def recheck(self, fused: nn.Module, regions: list[Region]) -> tuple[list, list]:
-        twice = 2 if self._paired(regions) else 1
+        twice = 2 if self.composed else 1
         twin = float64_twin(fused, regions, self)
         return (verify_mod.run(self.model, self.probe, torch.float64) * twice,
                 self._both(twin, lambda m: verify_mod.run(m, self.probe, torch.float64)))
@@ -258,23 +326,23 @@ class FxFrontEnd:
         return _misread(self.model, self.inputs)
 
     def finish(self, fused: nn.Module, report: Report) -> nn.Module:
-        regions = self._regions
-        if self._paired(regions):
-            self._keep_log_of(regions, report)
+        if self.composed:
+            self._keep_log_of(self._regions, report)
         return fused
 
     def _keep_log_of(self, regions: list[Region], report: Report) -> None:
-        """The report tells what the chosen version's rewrite did: the whole graph's for 'installed', the boundary
-        regions' for 'regions' (their log follows the whole graph's, see :meth:`export`)."""
-        fired, refused = regions[1].extra["log_from"] if len(regions) > 1 else \
-            (len(report.rules_fired), len(report.refusals))
-        chosen = regions[:1] if self.form == "installed" else regions[1:]
+        """The report tells what the deploy model's rewrite did: the boundary regions' rewrites, and the whole
+        graph's after them (see :meth:`import_more`) when it is installed as forward; the opaque operations of
+        what forward runs."""
+        whole, boundary = self._split(regions)
         if self.form == "installed":
-            report.rules_fired, report.refusals = report.rules_fired[:fired], report.refusals[:refused]
+            report.notes.extend(n for n in self._whole_notes if n not in report.notes)
+            chosen = [whole]
         else:
-            report.rules_fired, report.refusals = report.rules_fired[fired:], report.refusals[refused:]
-            report.notes.extend(n for n in self._boundary.notes if n not in report.notes)
-        report.opaque.update(self._boundary.opaque)
+            if whole is not None:
+                fired, refused = whole.extra["log_from"]
+                report.rules_fired, report.refusals = report.rules_fired[:fired], report.refusals[:refused]
+            chosen = boundary
         note = opaque_note(self, chosen)
         report.notes[:] = [n for n in report.notes if not n.startswith(OPAQUE_NOTE)] + ([note] if note else [])
 
@@ -292,15 +360,15 @@ def float64_twin(fused: nn.Module, regions: list[Region], front: FxFrontEnd | No
     if form == "sealed":
         with eval_mode(front.model):
             return dropin.install(dropin.shell(front.model), export_region(regions[0], torch.float64, checked), sealed=True)
-    paired = front is not None and front._paired(regions)
+    whole, boundary = FxFrontEnd._split(regions)
     out = dropin.uninstalled(copy.deepcopy(fused))  # the regions' own forward (the graph is put on again below)
-    for r in regions[1:] if paired else regions:
+    for r in boundary:
         if r.extra.get("kept"):
             region64 = export_region(r, torch.float64, checked)
             carry_attributes(out.get_submodule(r.path), region64)
             set_submodule(out, r.path, region64)
-    if paired and form == "installed":
-        dropin.install(out, export_region(regions[0], torch.float64, checked), sealed=False)
+    if whole is not None and form == "installed":  # over the float64 regions: it reads their modules by path
+        dropin.install(out, export_region(whole, torch.float64, checked, source=out), sealed=False)
     return out
 
 

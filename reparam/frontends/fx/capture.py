@@ -66,6 +66,8 @@ def concrete_captures() -> list[Callable[[nn.Module, tuple | None], fx.GraphModu
             CONCRETE_CAPTURES[k] = getattr(importlib.import_module(module), name)
     return list(dict.fromkeys(CONCRETE_CAPTURES))
 
+CONCRETE = "reparam_captured_on_inputs"  # meta key of a graph recorded on the example inputs (not traced)
+
 _SHAPE_QUERIES = {"size", "dim", "numel", "nelement"}
 _SHAPE_ATTRS = {"shape", "ndim"}
 _LIKE = {"reshape_as", "view_as", "expand_as"}
@@ -270,7 +272,9 @@ def capture_one(module: nn.Module, inputs: tuple | None) -> tuple[fx.GraphModule
     reasons = []
     for concrete in concrete_captures() if inputs is not None else ():
         try:
-            return concrete(module, inputs), True, f"captured on the example inputs ({why})"
+            gm = concrete(module, inputs)
+            gm.meta[CONCRETE] = True
+            return gm, True, f"captured on the example inputs ({why})"
         except Exception as err:  # noqa: BLE001
             reasons.append(first_line(err))
     if symbolic is not None:  # symbolic tracing reads less, but nothing else reads it at all

@@ -9,10 +9,11 @@ so the deploy model must too. Two views of the same model are built (see docs/de
   (``nn.Sequential(conv, bn, act)``); every other submodule with parameters that the example input reaches is
   traced and fused whole (else searched inside); a lone torch.nn layer is left as it is. Every public method then computes
   what it did, through fused children.
-- **the whole graph**: the root traced as one graph, so folds cross those boundaries (a BatchNorm that is a
-  sibling of the conv before it). When it runs fewer convs or BatchNorms than the boundary regions on the
-  example input, it is installed as the instance's ``forward`` (:class:`DeployForward`); the other methods
-  keep running the fused children. It steps aside (the class's own forward runs) as soon as a submodule is
+- **the whole graph**: the model with its fused boundary regions in place, traced as one graph and rewritten
+  again, so folds cross those boundaries (a BatchNorm that is a sibling of the conv before it). When it runs
+  fewer convs, BatchNorms or Linear products than the boundary regions, it is installed as the instance's
+  ``forward`` (:class:`DeployForward`), sharing the fused children's modules it did not change; the other
+  methods keep running the fused children. It steps aside (the class's own forward runs) as soon as a submodule is
   replaced or given a hook, since the graph no longer describes the model then.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ import functools
 import torch.fx as fx
 import torch.nn as nn
 
+from reparam.errors import CaptureError
 from reparam.frontends.fx.capture import (Capture, Region, first_line, has_hooks, record_inputs, structure_copy,
                                           trace)
 from reparam.frontends.fx.shapes import attach_shapes
@@ -37,7 +39,11 @@ def boundary_capture(model: nn.Module, example_inputs: tuple | None) -> Capture:
     descended into, every other submodule with parameters reached by the example input is traced whole
     (a submodule that does not trace is searched inside)."""
     out = Capture()
-    recorded = record_inputs(structure_copy(model), example_inputs) if example_inputs is not None else {}
+    try:
+        recorded = record_inputs(structure_copy(model), example_inputs) if example_inputs is not None else {}
+    except Exception as err:
+        shapes = [list(t.shape) for t in example_inputs if hasattr(t, "shape")]
+        raise CaptureError(f"the model does not run on inputs of shape {shapes}: {first_line(err)}") from err
     _capture_below(model, "", recorded, out)
     return out
 

@@ -25,7 +25,7 @@ from reparam.errors import ExportError
 from reparam.frontends.fx.nodes import FxOrigin
 from reparam.core.ir import Graph, Node
 from reparam.core.ops import (Affine, AvgPool, Cat, Conv, Flatten, Identity, Input, Linear, Mean, Op, Pad, Permute,
-                              Slice, Sum, borrowed, symmetric)
+                              Slice, Sum, borrowed, remember_exact, symmetric)
 
 
 def _cast(t: torch.Tensor | None, op: Op) -> torch.Tensor | None:
@@ -36,6 +36,7 @@ def _cast(t: torch.Tensor | None, op: Op) -> torch.Tensor | None:
     out = t.to(device=op.device or "cpu", dtype=op.dtype or torch.float32)
     if out.data_ptr() == t.data_ptr() and borrowed(t):
         out = out.clone(memory_format=torch.contiguous_format)
+    remember_exact(out, t)
     return out
 
 

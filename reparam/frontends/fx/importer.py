@@ -28,7 +28,7 @@ import reparam.rules  # noqa: F401  (the built-in op kinds beyond the core vocab
 from reparam.frontends.fx.capture import has_hooks
 from reparam.core.ir import Graph, Node
 from reparam.core.ops import (Affine, AvgPool, Cat, Conv, Flatten, Identity, Input, Linear, Mean, Opaque, Pad, Permute,
-                              Slice, Sum, f64, held, per_axis)
+                              Slice, Sum, exact_value, f64, held, per_axis)
 from reparam.frontends.fx.nodes import FxOrigin, fx_dtype, fx_shape, scoped_name
 from reparam.frontends.fx.shapes import same_forward
 
@@ -107,6 +107,11 @@ class FxImporter:
         floating-point tensors is recomputed from their float64 values (what the float64 reference of the
         model computes), and the dtype the model computes it in is kept aside (``dtype_of``)."""
         value = self._run_on_constants(n, lambda a: self.native.get(a, self.consts[a]))
+        exact = exact_value(value) if n.op == "get_attr" and isinstance(value, torch.Tensor) else None
+        if exact is not None:  # a deploy tensor rounded from a rewrite's result in this run: read exactly
+            self.const_dtypes[n] = value.dtype
+            self.native[n] = value
+            return exact
         if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != torch.float64 \
                 and n.op != "get_attr":
             exact = self._run_on_constants(n, lambda a: _to_float64(self.consts[a]))
