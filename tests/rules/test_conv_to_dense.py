@@ -1,0 +1,147 @@
+"""conv_to_dense: a conv on an input whose size the model fixes, summed with an FC over the same tensor flattened, is
+the conv's matrix on the flattened sample added to the FC's weight (RepMLP's local perceptrons merged into its FC).
+
+The block (examples.authors.blocks.RepMLPBlock, RepMLPNet's as its authors write it, without its global
+perceptron): x (B, C, H, W) is cut into (h, w) partitions moved to (B·N·C/S, S, h, w); the FC is a 1×1 conv with S
+groups over (·, S·h·w, 1, 1) followed by a BN over the S share-sets of its output reshaped to (·, S, h, w); the local
+perceptrons (k×k conv + BN, k in reparam_conv_k, groups S) read the same partitions; the sum is moved back with
+``reshape(*x.size())`` (symbolic tracing fails there: the concrete capture takes over). Minimal form: the grouped
+1×1 conv alone, plus the reshapes and permutes (its authors' ``local_inject``), no BN and no k×k conv left."""
+from __future__ import annotations
+
+import importlib
+
+import torch
+import torch.nn as nn
+from hypothesis import given
+from hypothesis import strategies as st
+
+import reparam
+from examples.authors.blocks import RepMLPBlock, conv_bn
+from reparam.testing import assert_equivalent, assert_refuses, count_ops, randomize_params
+
+RTOL = 1e-9
+
+
+def build(module: nn.Module, seed: int) -> nn.Module:
+    return randomize_params(module, torch.Generator().manual_seed(seed)).double().eval()
+
+
+def fired(report, rule: str = "conv_to_dense") -> int:
+    return report.fired_counts().get(rule, 0)
+
+
+class LinearWithLocalConvs(nn.Module):
+    """The Linear form: an nn.Linear over x.flatten(1) reshaped back with ``reshape(*x.size())``-style sizes, plus
+    k×k conv + BN branches on x. Minimal form: the Linear alone (plus its flatten and reshape)."""
+
+    def __init__(self, c, h, w, ks=(3,), groups=1, stride_free=True):
+        super().__init__()
+        self.fc = nn.Linear(c * h * w, c * h * w)
+        self.convs = nn.ModuleList(conv_bn(c, c, k, 1, k // 2, groups) for k in ks)
+
+    def forward(self, x):
+        out = self.fc(x.flatten(1)).reshape(*x.size())
+        for conv in self.convs:
+            out = out + conv(x)
+        return out
+
+
+
+@given(st.sampled_from([1, 2]), st.integers(1, 2), st.integers(2, 4), st.integers(2, 4),
+       st.lists(st.sampled_from([1, 3, 5]), min_size=1, max_size=3, unique=True), st.integers(1, 2),
+       st.integers(0, 2 ** 16))
+def test_property_repmlp_block(sharesets, per, h, w, ks, parts, seed):
+    """RepMLPNet's block with any share-sets, partition size, kernels and number of partitions: its FC alone."""
+    c = sharesets * per
+    model = build(RepMLPBlock(c, h, w, tuple(ks), sharesets), seed)
+    x = torch.randn(2, c, h * parts, w, dtype=torch.float64)
+    fused, report = assert_equivalent(model, (x,), rtol=RTOL)
+    assert fired(report) == 1, report.summary()
+    n = count_ops(fused)
+    assert n["convs"] == 1 and n["bns"] == 0, report.summary()
+    d = sharesets * h * w
+    assert n["params"] == d * h * w + d  # the grouped FC's weight and bias: the convs' and BNs' parameters gone
+
+
+
+@given(st.integers(1, 3), st.integers(2, 4), st.integers(2, 4),
+       st.lists(st.sampled_from([1, 3, 5]), min_size=1, max_size=2, unique=True), st.sampled_from([1, -1]),
+       st.integers(0, 2 ** 16))
+def test_property_linear_form(c, h, w, ks, groups, seed):
+    """An nn.Linear over the flattened input and conv branches (depthwise or dense) through symbolic torch.fx."""
+    model = build(LinearWithLocalConvs(c, h, w, tuple(ks), c if groups == -1 else 1), seed)
+    x = torch.randn(3, c, h, w, dtype=torch.float64)
+    fused, report = assert_equivalent(model, (x,), rtol=RTOL)
+    assert fired(report) == 1, report.summary()
+    n = count_ops(fused)
+    assert n["convs"] == 0 and n["bns"] == 0 and n["linears"] == 1, report.summary()
+    assert n["params"] == (c * h * w) ** 2 + c * h * w
+
+
+def test_float32_within_1e5():
+    model = randomize_params(RepMLPBlock(4, 3, 3, (1, 3, 5), 2), torch.Generator().manual_seed(3)).eval()
+    x = torch.randn(2, 4, 6, 9)
+    fused = reparam.fuse(model, (x,))
+    with torch.no_grad():
+        want, got = model(x), fused(x)
+    assert got.dtype == torch.float32
+    assert float((got - want).abs().max() / want.abs().max()) <= 1e-5
+    assert all(p.dtype == torch.float32 for p in fused.parameters())
+
+
+def test_the_fc_keeps_its_groups_when_the_convs_are_grouped_alike():
+    fused, _ = assert_equivalent(build(RepMLPBlock(4, 2, 3, (3,), 2), 0), (torch.randn(1, 4, 4, 6),), rtol=RTOL)
+    convs = [m for m in fused.modules() if isinstance(m, nn.Conv2d)]
+    assert [m.groups for m in convs][-1] == 2
+
+
+# ----------------------------------------------------------------------------------------------------- traps
+class ConvOnAnotherTensor(nn.Module):
+    """The FC flattens x, the conv reads relu(x) (or x channels-last): not the tensor the FC flattens."""
+
+    def __init__(self, c=2, h=3, w=3, channels_last=False):
+        super().__init__()
+        self.fc, self.conv, self.channels_last = nn.Linear(c * h * w, c * h * w), nn.Conv2d(c, c, 3, padding=1), channels_last
+
+    def forward(self, x):
+        flat = x.permute(0, 2, 3, 1).flatten(1) if self.channels_last else x.flatten(1)
+        other = x if self.channels_last else torch.relu(x)
+        return self.fc(flat).reshape(-1, *x.shape[1:]) + self.conv(other)
+
+
+def test_trap_a_conv_on_another_tensor_is_refused():
+    fused, _ = assert_refuses("conv_to_dense", build(ConvOnAnotherTensor(), 0), (torch.randn(2, 2, 3, 3),),
+                              "no conv of the sum reads the tensor the FC")
+    assert count_ops(fused)["convs"] == 1
+
+
+def test_trap_a_channels_last_flatten_is_refused():
+    """The FC's features are x in (H, W, C) order; the conv's matrix would be in (C, H, W) order."""
+    fused, _ = assert_refuses("conv_to_dense", build(ConvOnAnotherTensor(channels_last=True), 0),
+                              (torch.randn(2, 2, 3, 3),), "no conv of the sum reads the tensor the FC")
+    assert count_ops(fused)["convs"] == 1
+
+
+class FlatSum(nn.Module):
+    """fc(x.flatten(1)) + conv(x).flatten(1): the FC's weight fixes only C·H·W, so an input (C, W, H) runs as well,
+    where the conv's matrix for (C, H, W) would be wrong."""
+
+    def __init__(self, c=2, h=2, w=3):
+        super().__init__()
+        self.fc, self.conv = nn.Linear(c * h * w, c * h * w), nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1)) + self.conv(x).flatten(1)
+
+
+def test_trap_a_size_the_model_does_not_fix_is_refused():
+    fused, _ = assert_refuses("conv_to_dense", build(FlatSum(), 0), (torch.randn(2, 2, 2, 3),), "not fixed by the model")
+    assert count_ops(fused)["convs"] == 1
+
+
+def test_trap_a_matrix_above_the_limit_is_refused(monkeypatch):
+    monkeypatch.setattr(importlib.import_module("reparam.rules.conv_to_dense"), "MAX_ELEMENTS", 100)
+    model = build(LinearWithLocalConvs(2, 3, 3), 0)
+    fused, _ = assert_refuses("conv_to_dense", model, (torch.randn(2, 2, 3, 3),), "above the limit")
+    assert count_ops(fused)["convs"] == 1
