@@ -1,6 +1,6 @@
 import torch
 
-from reparam.core.ops import Affine, Conv, Linear
+from reparam.core.ops import Affine, Conv, Flatten, Linear
 from reparam.core.pattern import P, X
 from reparam.core.rule import require, rule
 from reparam.rules.reshape import Reshape
@@ -22,18 +22,24 @@ def source_index(in_shape, out_shape, axis):
 
 @rule(P(Affine, P(Reshape, X("y"), name="view"), name="bn"), phase="fold")
 def affine_through_reshape(y, view, bn):
-    """a(reshape(y)) = reshape(a'(y)): an affine on axis j of a reshape moves onto input axis i of y when index k
-    of axis j is (m // r) % n_j for index m of axis i (r = the output stride of j over the input stride of i):
-    a' = a's values at (m // r) % n_j (RepMLP's BN over share-sets after its FC's output is reshaped to (·, S, h, w)).
+    """a(reshape(y)) = reshape(a'(y)): an affine on an axis of a reshape moves onto the axis of y that tells its index.
+
+    Axis j of the reshape (or of a chain of reshapes and flattens: one reshape of y) is told by axis i of y when
+    its index is (m // r) % n_j for index m of axis i (r: the stride of axis j in the output over that of axis i in
+    y); then a'[m] = a[(m // r) % n_j] (RepMLP's BN over the share-sets of its FC's output reshaped to (·, S, h, w)).
 
     Always exact where such an axis exists (a reshape moves no value); fires only when y comes from a conv or Linear
     that nothing else reads and a' lands on its channel axis, which then absorbs it (conv_bn_fold).
     """
+    views = [view]
+    while isinstance(y.op, (Reshape, Flatten)) and len(y.users) == 1:  # views of views: one reshape of the first
+        views.insert(0, y)
+        y = y.inputs[0]
     if not isinstance(y.op, (Conv, Linear)) or len(y.users) != 1:
         return None
     a = bn.op
     if a.is_scalar:
-        return view.op(Affine(a.scale, a.shift, None, dtype=a.dtype, device=a.device)(y))
+        return _views(views, Affine(a.scale, a.shift, None, dtype=a.dtype, device=a.device)(y))
     require(y.shape is not None and view.shape is not None, "the tensor shapes are unknown (pass example inputs)")
     require(bn.shape == view.shape, "the affine broadcasts the reshaped tensor to a new shape")
     axis = a.axis % len(view.shape)
@@ -46,4 +52,10 @@ def affine_through_reshape(y, view, bn):
 
     def spread(t):
         return t if t is None or t.ndim == 0 else t.reshape(-1)[index]
-    return view.op(Affine(spread(a.scale), spread(a.shift), i, dtype=a.dtype, device=a.device)(y))
+    return _views(views, Affine(spread(a.scale), spread(a.shift), i, dtype=a.dtype, device=a.device)(y))
+
+
+def _views(views, e):
+    for v in views:
+        e = v.op(e)
+    return e

@@ -56,17 +56,20 @@ def _single_use(chain) -> bool:
 
 @rule(P(Sum, name="total"), phase="merge")
 def conv_to_dense(total):
-    """FC(x̄) + conv(x) = FC'(x̄), W' = W + M, b' = b + m: a conv on an input whose size the model fixes, summed with
-    an FC (a Linear, or a 1×1 conv on (N, D, 1, 1)) over the same tensor flattened (x̄), is the matrix M of the conv
-    on the flattened sample (the conv applied to the identity basis of C·∏spatial in float64, its zero padding
-    included), bias m (the conv's, repeated over positions) (RepMLP: local conv branches merged into the FC).
+    """FC(x̄) + conv(x) = FC'(x̄), W' = W + M, b' = b + m: a conv beside an FC over its input flattened is a matrix.
+
+    The FC is a Linear, or a 1×1 conv on (N, D, 1, 1) (a grouped FC); x̄ is x flattened per sample. M is the conv's
+    matrix on the flattened sample: the conv applied to the identity basis of C·∏spatial in float64 (its zero
+    padding included); m is its bias repeated over the output positions (RepMLP: local conv branches merged into
+    the FC). The FC keeps its groups when M is zero across them, else becomes dense.
 
     Exact when: the FC's input and the conv's input are views (reshape/flatten, which move no value) of one tensor
     with equal rows (the FC's rows are the conv's samples, so the FC's features are the sample flattened in the
     conv's own C, H, W order); both terms are views of the FC's and the conv's outputs with the sum's shape and
     equal rows, the FC's out-features the conv's C'·∏spatial'; and the conv's input size is fixed by the model
     (it is a reshape to fixed sizes, or a flatten or batch-first permute of one; or the conv is unstrided and its
-    output has the fixed shape of the reshaped FC output it is added to): the FC's weight alone fixes only C·H·W. Refused above MAX_ELEMENTS entries of M.
+    output has the fixed shape of the reshaped FC output it is added to): the FC's weight alone fixes only C·H·W.
+    Refused above MAX_ELEMENTS (2²⁴) entries of M, so a big feature map never allocates gigabytes.
     """
     terms = list(zip(range(len(total.inputs)), total.inputs, total.op.coeffs))
     fcs, convs = [], []

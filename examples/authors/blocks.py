@@ -177,3 +177,12 @@ class RepMLPBlock(nn.Module):
         fc3_out += conv_out
         fc3_out = fc3_out.permute(0, 3, 1, 4, 2, 5)
         return fc3_out.reshape(*origin_shape)
+
+
+def repmlp_net(channels: int = 8, h: int = 7, sharesets: int = 2) -> nn.Module:
+    """A small RepMLP network: a 4×4 stride-4 patch stem, three RepMLP blocks on h×h partitions (local perceptrons
+    k = 1, 3) each followed by ReLU. Minimal form: 4 convs (the stem and each block's grouped FC)."""
+    blocks: list[nn.Module] = [nn.Conv2d(3, channels, 4, 4)]
+    for _ in range(3):
+        blocks += [RepMLPBlock(channels, h, h, (1, 3), sharesets), nn.ReLU()]
+    return nn.Sequential(*blocks)
