@@ -35,13 +35,15 @@ class LinearWithLocalConvs(nn.Module):
     """The Linear form: an nn.Linear over x.flatten(1) reshaped back with ``reshape(*x.size())``-style sizes, plus
     k×k conv + BN branches on x. Minimal form: the Linear alone (plus its flatten and reshape)."""
 
-    def __init__(self, c, h, w, ks=(3,), groups=1, stride_free=True):
+    def __init__(self, c, h, w, ks=(3,), groups=1, unpack=True):
         super().__init__()
         self.fc = nn.Linear(c * h * w, c * h * w)
         self.convs = nn.ModuleList(conv_bn(c, c, k, 1, k // 2, groups) for k in ks)
+        self.sizes, self.unpack = (c, h, w), unpack
 
     def forward(self, x):
-        out = self.fc(x.flatten(1)).reshape(*x.size())
+        y = self.fc(x.flatten(1))
+        out = y.reshape(*x.size()) if self.unpack else y.reshape(-1, *self.sizes)  # concrete / symbolic capture
         for conv in self.convs:
             out = out + conv(x)
         return out
@@ -67,16 +69,50 @@ def test_property_repmlp_block(sharesets, per, h, w, ks, parts, seed):
 
 @given(st.integers(1, 3), st.integers(2, 4), st.integers(2, 4),
        st.lists(st.sampled_from([1, 3, 5]), min_size=1, max_size=2, unique=True), st.sampled_from([1, -1]),
-       st.integers(0, 2 ** 16))
-def test_property_linear_form(c, h, w, ks, groups, seed):
-    """An nn.Linear over the flattened input and conv branches (depthwise or dense) through symbolic torch.fx."""
-    model = build(LinearWithLocalConvs(c, h, w, tuple(ks), c if groups == -1 else 1), seed)
+       st.booleans(), st.integers(0, 2 ** 16))
+def test_property_linear_form(c, h, w, ks, groups, unpack, seed):
+    """An nn.Linear over the flattened input and conv branches (depthwise or dense), its output reshaped back with
+    ``reshape(*x.size())`` (the concrete capture) or with literal sizes (symbolic torch.fx)."""
+    model = build(LinearWithLocalConvs(c, h, w, tuple(ks), c if groups == -1 else 1, unpack), seed)
     x = torch.randn(3, c, h, w, dtype=torch.float64)
     fused, report = assert_equivalent(model, (x,), rtol=RTOL)
     assert fired(report) == 1, report.summary()
     n = count_ops(fused)
     assert n["convs"] == 0 and n["bns"] == 0 and n["linears"] == 1, report.summary()
     assert n["params"] == (c * h * w) ** 2 + c * h * w
+
+
+class SumOfFlattened(nn.Module):
+    """The flattened form: fc(x.flatten(1)) + conv(x).flatten(1), x a reshape of the input to fixed sizes (strided
+    conv). Minimal form: the Linear alone (x's reshape and flatten stay)."""
+
+    def __init__(self, c=2, h=4, w=4):
+        super().__init__()
+        self.sizes = (c, h, w)
+        self.conv = nn.Conv2d(c, 3, 3, stride=2, padding=1)
+        self.fc = nn.Linear(c * h * w, 3 * ((h + 1) // 2) * ((w + 1) // 2))
+
+    def forward(self, inputs):
+        x = inputs.reshape(-1, *self.sizes)
+        return self.fc(x.flatten(1)) + self.conv(x).flatten(1)
+
+
+def test_the_flattened_form_with_a_strided_conv():
+    fused, report = assert_equivalent(build(SumOfFlattened(), 0), (torch.randn(3, 32, dtype=torch.float64),), rtol=RTOL)
+    assert fired(report) == 1, report.summary()
+    assert count_ops(fused)["convs"] == 0 and count_ops(fused)["linears"] == 1
+
+
+def test_onnx_the_authors_block_reaches_its_fc_alone():
+    from collections import Counter
+
+    from reparam.frontends.onnx.backend import fuse_onnx
+    from reparam.testing import onnx_of
+
+    model = randomize_params(RepMLPBlock(4, 3, 3, (1, 3), 2), torch.Generator().manual_seed(0)).eval()
+    out, report = fuse_onnx(onnx_of(model, (torch.randn(1, 4, 6, 9),)), report=True)
+    kinds = Counter(n.op_type for n in out.graph.node)
+    assert fired(report) == 1 and kinds["Conv"] == 1 and kinds["BatchNormalization"] == 0, kinds
 
 
 def test_float32_within_1e5():
