@@ -9,7 +9,7 @@ from reparam.core.terms import rebuild
 from reparam.math import kernels
 from reparam.rules.reshape import Reshape
 
-MAX_ELEMENTS = 1 << 24  # largest dense matrix (out·in elements) a conv is written as: 128 MiB in float64
+MAX_ELEMENTS = 1 << 24  # largest dense matrix (and identity basis) a conv is written as: 128 MiB in float64
 _VIEWS = (Reshape, Flatten)  # ops that move no value: element f of the flattened input is element f of the output
 
 
@@ -69,7 +69,7 @@ def conv_to_dense(total):
     equal rows, the FC's out-features the conv's C'·∏spatial'; and the conv's input size is fixed by the model
     (it is a reshape to fixed sizes, or a flatten or batch-first permute of one; or the conv is unstrided and its
     output has the fixed shape of the reshaped FC output it is added to): the FC's weight alone fixes only C·H·W.
-    Refused above MAX_ELEMENTS (2²⁴) entries of M, so a big feature map never allocates gigabytes.
+    Refused above MAX_ELEMENTS (2²⁴) entries of M or of the basis, so a big feature map never allocates gigabytes.
     """
     terms = list(zip(range(len(total.inputs)), total.inputs, total.op.coeffs))
     fcs, convs = [], []
@@ -106,8 +106,9 @@ def conv_to_dense(total):
                                           and all(s == 1 for s in conv.op.stride))
             require(pinned, f"the input size of the conv '{conv.name}' is not fixed by the model (the FC's weight fixes "
                             f"only C·H·W = {d_in}): reshape its input to fixed sizes")
-            require(d_in * d_out <= MAX_ELEMENTS, f"the conv '{conv.name}' as a dense matrix would have {d_in}×{d_out} "
-                                                  f"entries, above the limit of {MAX_ELEMENTS}")
+            require(d_in * max(d_in, d_out) <= MAX_ELEMENTS,  # the identity basis is d_in × d_in
+                    f"the conv '{conv.name}' as a dense matrix would have {d_in}×{d_out} entries (from a basis of "
+                    f"{d_in}×{d_in}), above the limit of {MAX_ELEMENTS}")
             op = conv.op
             M, m = kernels.conv_matrix(as_float64(op.weight), as_float64(op.bias), tuple(y.shape[1:]), op.stride,
                                        op.padding, op.dilation, op.groups, op.padding_mode)

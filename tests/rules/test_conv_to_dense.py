@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 
+import pytest
 import torch
 import torch.nn as nn
 from hypothesis import given
@@ -115,6 +116,25 @@ def test_onnx_the_authors_block_reaches_its_fc_alone():
     assert fired(report) == 1 and kinds["Conv"] == 1 and kinds["BatchNormalization"] == 0, kinds
 
 
+@given(st.integers(1, 2), st.integers(1, 2), st.integers(2, 5), st.integers(2, 5), st.sampled_from([1, 3]),
+       st.integers(1, 2), st.integers(1, 2), st.sampled_from(["zeros", "reflect", "circular"]), st.integers(0, 2 ** 16))
+def test_property_conv_matrix(groups, per, h, w, k, stride, dilation, mode, seed):
+    """kernels.conv_matrix: x.flatten(1) @ Mᵀ + m is the conv of x, padding (any mode), stride, dilation, groups."""
+    from reparam.math import kernels
+
+    gen = torch.Generator().manual_seed(seed)
+    c = groups * per
+    p = dilation * (k - 1) // 2
+    if mode != "zeros" and p >= min(h, w):
+        p = 0
+    conv = nn.Conv2d(c, 2 * groups, k, stride, p, dilation, groups, padding_mode=mode).double()
+    x = torch.randn(3, c, h, w, dtype=torch.float64, generator=gen)
+    M, m = kernels.conv_matrix(conv.weight.detach(), conv.bias.detach(), (c, h, w), conv.stride, ((p, p), (p, p)),
+                               conv.dilation, groups, mode)
+    want = conv(x).detach()
+    torch.testing.assert_close(x.flatten(1) @ M.t() + m, want.flatten(1), rtol=1e-12, atol=1e-12)
+
+
 def test_float32_within_1e5():
     model = randomize_params(RepMLPBlock(4, 3, 3, (1, 3, 5), 2), torch.Generator().manual_seed(3)).eval()
     x = torch.randn(2, 4, 6, 9)
@@ -124,6 +144,16 @@ def test_float32_within_1e5():
     assert got.dtype == torch.float32
     assert float((got - want).abs().max() / want.abs().max()) <= 1e-5
     assert all(p.dtype == torch.float32 for p in fused.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_models_keep_their_dtype(dtype):
+    model = randomize_params(RepMLPBlock(4, 3, 3, (1, 3), 2), torch.Generator().manual_seed(0)).eval().to(dtype)
+    x = torch.randn(2, 4, 6, 9).to(dtype)
+    fused, report = reparam.fuse(model, (x,), report=True)
+    assert fired(report) == 1 and fused(x).dtype == dtype
+    fc = [m for m in fused.modules() if isinstance(m, nn.Conv2d)][-1]
+    assert fc.weight.dtype == dtype and fc.bias.dtype == dtype
 
 
 def test_the_fc_keeps_its_groups_when_the_convs_are_grouped_alike():
