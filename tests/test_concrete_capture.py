@@ -146,6 +146,32 @@ def test_a_shape_only_use_is_not_a_consumer():
     assert (counts.linears, counts.bns) == (1, 0)
 
 
+class AssertedRank(nn.Module):
+    """timm's norm layers: ``torch._assert(y.ndim == 4)`` before ``F.batch_norm(y)``. Minimal form: one conv.
+    The shape query only feeds an assert (pruned before rewriting), so symbolic tracing reads the whole model:
+    no concrete capture, and the deploy graph keeps a free batch size."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        torch._assert(y.ndim == 4, "expected a 4-d input")
+        return F.batch_norm(y, self.bn.running_mean, self.bn.running_var, self.bn.weight, self.bn.bias)
+
+
+def test_a_shape_query_that_only_feeds_an_assert_keeps_symbolic_tracing():
+    model = randomize(AssertedRank())
+    fused, rep, counts = fused_counts(model, torch.randn(2, 3, 8, 8))
+    assert (counts.convs, counts.bns) == (1, 0)
+    assert not any("on the example inputs" in n for n in rep.notes), rep.notes
+    other = torch.randn(5, 3, 6, 6)  # another batch size and image size
+    with torch.no_grad():
+        torch.testing.assert_close(fused(other), model(other), rtol=1e-5, atol=1e-5)
+
+
 class Reshaped(nn.Module):
     """``bn(y.reshape(*y.size()))``. Minimal form: one conv."""
 

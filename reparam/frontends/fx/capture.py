@@ -24,6 +24,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from reparam.errors import CaptureError
+from reparam.frontends.fx.prune import SHAPE_CHECKS
 from reparam.frontends.fx.shapes import attach_shapes
 
 
@@ -94,11 +95,26 @@ def _mutated(n: fx.Node) -> fx.Node | None:
     return None
 
 
+def _read_nodes(gm: fx.GraphModule) -> set[fx.Node]:
+    """The nodes whose value something reads: the outputs and every effect other than a shape assert, and
+    what they depend on. A shape query that only feeds an assert is dropped before rewriting (``prune``)."""
+    roots = [n for n in gm.graph.nodes if n.op == "output" or
+             (n.op == "call_function" and n.target not in SHAPE_CHECKS and n.is_impure()) or _mutated(n) is not None]
+    live: set[fx.Node] = set()
+    while roots:
+        n = roots.pop()
+        if n not in live:
+            live.add(n)
+            roots.extend(n.all_input_nodes)
+    return live
+
+
 def sees_less(gm: fx.GraphModule) -> str | None:
     """Why the symbolic graph ``gm`` reads less than the model computes (None if it reads it all): an in-place
     write into a tensor that is read elsewhere too (its later reads would see the old value), an index write,
-    or a shape query of a computed tensor that is also read for its value (a second consumer that only the
-    shape needs)."""
+    or a shape query of a computed tensor that is also read for its value, where the query's result is used
+    (a second consumer that only the shape needs; a query that only feeds a shape assert is pruned)."""
+    read = None
     for n in gm.graph.nodes:
         target = getattr(n.target, "__name__", n.target)
         x = _mutated(n)
@@ -108,7 +124,9 @@ def sees_less(gm: fx.GraphModule) -> str | None:
             return f"'{n.name}' ({target}) writes in place into '{x.name}', which is read elsewhere too"
         if n.op in ("call_module", "call_function", "call_method") and len(n.users) > 1 and \
                 any(_shape_only_use(u, n) for u in n.users) and not all(_shape_only_use(u, n) for u in n.users):
-            return f"the shape of '{n.name}' is read besides its value"
+            read = _read_nodes(gm) if read is None else read
+            if any(_shape_only_use(u, n) and u in read for u in n.users):
+                return f"the shape of '{n.name}' is read besides its value"
     return None
 
 
@@ -158,6 +176,17 @@ class _IndexedTracer(fx.Tracer):
             for n, t in [*root.named_buffers(), *root.named_parameters()][::-1]:  # the first name wins
                 self._attr_names[id(t)] = (t, n)
         return super().trace(root, concrete_args)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict):
+        """``module.weight`` read in forward: the proxy of the root's name for that tensor, found in the index
+        (torch.fx scans every named parameter and buffer of the root per read)."""
+        found = self._attr_names.get(id(attr_val)) if isinstance(attr_val, torch.Tensor) else None
+        if found is None or found[0] is not attr_val or self.param_shapes_constant:
+            return super().getattr(attr, attr_val, parameter_proxy_cache)
+        name = found[1]
+        if name not in parameter_proxy_cache:
+            parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+        return parameter_proxy_cache[name]
 
     def create_arg(self, a):
         if isinstance(a, torch.Tensor):

@@ -14,7 +14,7 @@ from reparam.frontends.fx.nodes import FxOrigin
 from reparam.core.ir import Graph
 from reparam.core.ops import Input
 
-_CHECKS = {torch._assert, getattr(torch, "_assert_async", torch._assert)}
+SHAPE_CHECKS = {torch._assert, getattr(torch, "_assert_async", torch._assert)}
 
 
 def _harmless(n: fx.Node) -> bool:
@@ -22,7 +22,7 @@ def _harmless(n: fx.Node) -> bool:
     if n.op == "get_attr":
         return True
     if n.op == "call_function":
-        if n.target in _CHECKS:
+        if n.target in SHAPE_CHECKS:
             return True
         name = getattr(n.target, "__name__", "")
         return not name.endswith("_") and not n.is_impure()
