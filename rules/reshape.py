@@ -5,8 +5,10 @@ ONNX Reshape with a constant shape). Added through the public extension API (``r
 still Flatten, and one that changes nothing Identity (``reparam.core.ops.flatten_of``).
 
 A reshape moves no value: element f of the flattened input is element f of the flattened output (row-major).
-Its leading size is what the source computes at the captured shapes (x.size(0), a literal, -1): written as -1,
-so the op equals the source wherever the source's own sizes are valid. A reshape may merge rows of several
+Its leading size is written as -1, so the op equals the source wherever the source's own sizes are valid: in
+torch.fx and ONNX the source's leading size must come from the data (x.size(0), ONNX's 0) or be -1 (a literal
+batch is left opaque: the deploy model keeps running at that batch only); a torch.export program is static,
+every size in it a literal. A reshape may merge rows of several
 samples (RepMLP's partitions back into images), so it is not batch-free: the local checks of a rewrite that
 holds one run on the leaves' captured batch (``Op.batch_free``).
 """
@@ -65,11 +67,14 @@ def _sizes(args, kwargs):
 
 @vocab.fx_method("reshape", "view")
 def _fx_method(ctx, n, args, kwargs):
-    """x.reshape(a, b, …) / x.view(…): the leading size may come from the data (x.size(0), -1); every other one
-    must be a literal int, so the op is what the source computes for any batch."""
+    """x.reshape(a, b, …) / x.view(…): the leading size comes from the data (x.size(0)) or is -1, every other one
+    is a literal int, so the op is what the source computes for any batch. A literal leading size fixes the batch
+    (``reshape(1, C, H, W)``): left opaque, so the deploy model keeps running at that batch only."""
     x = args[0]
     sizes = _sizes(args, kwargs)
     if not isinstance(x, fx.Node) or ctx.const(x) is not None or not sizes:
+        return None
+    if isinstance(sizes[0], int) and sizes[0] != -1:
         return None
     if not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes[1:]):
         return None
@@ -108,7 +113,8 @@ def _fx_emit(ctx, node, op: Reshape, xs):
 @vocab.onnx_op("Reshape")
 def _onnx_recognize(ctx, n, k):
     """A Reshape with a constant shape whose every size but the first is fixed: a positive int, or 0 copying a
-    static input axis (allowzero=0); the first may be anything the batch gives (-1, 0, its static value)."""
+    static input axis (allowzero=0); the first is -1, 0 (the batch copied) or the batch's static size (a literal
+    with a dynamic batch fixes the batch: left opaque)."""
     x = n.inputs[0]
     target = ctx.const(n.inputs[1]) if len(n.inputs) > 1 else None
     src, dst, static = ctx.shape(x.name), ctx.shape(n.outputs[0].name), ctx.static.get(x.name)
@@ -116,6 +122,8 @@ def _onnx_recognize(ctx, n, k):
         return None
     target = [int(v) for v in np.ravel(target)]
     if len(target) != len(dst) or n.attrs.get("allowzero", 0):
+        return None
+    if target[0] not in (-1, 0) and (not static or target[0] != static[0]):
         return None
     rest = []
     for j, t in enumerate(target[1:], start=1):
