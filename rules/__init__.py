@@ -10,11 +10,13 @@ from reparam.rules.affine_before_flatten import affine_before_flatten
 from reparam.rules.affine_merge import affine_merge
 from reparam.rules.affine_through_layout import affine_through_layout
 from reparam.rules.affine_through_pool import affine_through_pool
+from reparam.rules.affine_through_reshape import affine_through_reshape
 from reparam.rules.avgpool_to_conv import avgpool_to_conv
 from reparam.rules.bn_prefold import bn_prefold
 from reparam.rules.concat_affine_split import concat_affine_split
 from reparam.rules.const_pad_commute import const_pad_commute
 from reparam.rules.conv_bn_fold import conv_bn_fold
+from reparam.rules.conv_to_dense import conv_to_dense
 from reparam.rules.conv_transpose_bn_fold import conv_transpose_bn_fold
 from reparam.rules.crop_as_pad import crop_as_pad
 from reparam.rules.dilated_to_dense import dilated_to_dense
@@ -39,6 +41,7 @@ DEFAULT_RULES = [
     const_pad_commute,
     affine_before_flatten,
     affine_through_layout,
+    affine_through_reshape,
     affine_merge,
     concat_affine_split,
     scale_fold,
@@ -51,6 +54,7 @@ DEFAULT_RULES = [
     parallel_sum_pad,
     parallel_conv_transpose,
     linear_sum,
+    conv_to_dense,
     serial_merge,
     bn_prefold,
     affine_through_pool,

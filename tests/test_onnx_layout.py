@@ -129,11 +129,13 @@ def test_a_reshape_that_is_a_flatten_only_at_one_size_stays(target):
 
 @pytest.mark.parametrize("x_shape, target, want", [
     (("n", 3, 4, 4), [0, -1], (1, 3)), (("n", 3, 4, 4), [0, 3, -1], (2, 3)), (("n", 3, 4, 4), [0, 0, 16], (2, 3)),
-    (("n", 3, 4, 4), [0, 12, 4], (1, 2)), ((2, 3, 4, 4), [2, 48], (1, 3)), (("n", 3, 4, 4), [0, 16, 3], None),
+    (("n", 3, 4, 4), [0, 12, 4], (1, 2)), ((2, 3, 4, 4), [2, 48], (1, 3)), (("n", 3, 4, 4), [0, 16, 3], "reshape"),
+    (("n", 3, 4, 4), [1, 16, 3], None),
     (("n", 3, 4, 4), [1, 48], None), (("n", 3, "h", 4), [0, -1], None), (("n", 3, 4, 4), [0, 3, 4, 4], "identity")])
 def test_which_reshapes_are_flattens(x_shape, target, want):
     """Flatten(s, e) exactly when the Reshape merges one run of static axes and keeps the others for every
-    input size (0 copies an axis in place; a literal must be the axis's static size)."""
+    input size (0 copies an axis in place; a literal must be the axis's static size); any other reshape of the
+    batch's samples to fixed sizes is the op kind Reshape (rules/reshape.py); a literal batch stays opaque."""
     from reparam.core.ops import Flatten, Identity, Opaque
     from reparam.frontends.onnx.importer import import_onnx
     from reparam.frontends.onnx.shapes import resolve_input_shapes, with_input_shapes
@@ -148,5 +150,9 @@ def test_which_reshapes_are_flattens(x_shape, target, want):
         assert isinstance(op, Opaque), op
     elif want == "identity":
         assert isinstance(op, Identity), op
+    elif want == "reshape":
+        from reparam.rules.reshape import Reshape
+
+        assert isinstance(op, Reshape) and op.rest == (16, 3), op
     else:
         assert isinstance(op, Flatten) and (op.start_dim, op.end_dim) == want, op

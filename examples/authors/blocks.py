@@ -134,3 +134,55 @@ def acnet_net(channels: int = 16, k: int = 3) -> nn.Module:
     return nn.Sequential(ACBlock(3, channels, k, stride=2, padding=0), nn.ReLU(),
                          ACBlock(channels, channels, k, padding=0), nn.ReLU(),
                          ACBlock(channels, channels, 5, padding=1), nn.ReLU())
+
+
+class RepMLPBlock(nn.Module):
+    """RepMLPNet's block (Ding et al. 2022) as its authors write it, without its global perceptron (a gate, not
+    linear): the (B, C, H, W) input is cut into (h, w) partitions, moved to (B·N·C/S, S, h, w) (S share-sets);
+    the partition perceptron is a grouped 1×1 conv over the flattened (·, S·h·w, 1, 1) with a BN over the S
+    share-sets after it; local perceptrons (k×k conv + BN per k, groups S) run on the same partition tensor and
+    are added to the FC's output; the sum is moved back with ``reshape(*x.size())`` (symbolic tracing fails on
+    that, the concrete capture takes over). Minimal form: the grouped 1×1 conv alone (plus the reshapes and
+    permutes), its weight the FC's plus each conv written as a matrix on the flattened partition."""
+
+    def __init__(self, channels: int, h: int, w: int, reparam_conv_k=(1, 3), num_sharesets: int = 1):
+        super().__init__()
+        self.C, self.S, self.h, self.w = channels, num_sharesets, h, w
+        self.fc3 = nn.Conv2d(h * w * num_sharesets, h * w * num_sharesets, 1, 1, 0, bias=False, groups=num_sharesets)
+        self.fc3_bn = nn.BatchNorm2d(num_sharesets)
+        self.reparam_conv_k = reparam_conv_k
+        for k in reparam_conv_k:
+            self.__setattr__(f"repconv{k}", conv_bn(num_sharesets, num_sharesets, k, 1, k // 2, num_sharesets))
+
+    def partition_affine(self, x, h_parts, w_parts):
+        fc_inputs = x.reshape(-1, self.S * self.h * self.w, 1, 1)
+        out = self.fc3(fc_inputs)
+        out = out.reshape(-1, self.S, self.h, self.w)
+        out = self.fc3_bn(out)
+        out = out.reshape(-1, h_parts, w_parts, self.S, self.h, self.w)
+        return out
+
+    def forward(self, inputs):
+        origin_shape = inputs.size()
+        h_parts = origin_shape[2] // self.h
+        w_parts = origin_shape[3] // self.w
+        partitions = inputs.reshape(-1, self.C, h_parts, self.h, w_parts, self.w)
+        partitions = partitions.permute(0, 2, 4, 1, 3, 5)
+        fc3_out = self.partition_affine(partitions, h_parts, w_parts)
+        conv_inputs = partitions.reshape(-1, self.S, self.h, self.w)
+        conv_out = 0
+        for k in self.reparam_conv_k:
+            conv_out += self.__getattr__(f"repconv{k}")(conv_inputs)
+        conv_out = conv_out.reshape(-1, h_parts, w_parts, self.S, self.h, self.w)
+        fc3_out += conv_out
+        fc3_out = fc3_out.permute(0, 3, 1, 4, 2, 5)
+        return fc3_out.reshape(*origin_shape)
+
+
+def repmlp_net(channels: int = 8, h: int = 7, sharesets: int = 2) -> nn.Module:
+    """A small RepMLP network: a 4×4 stride-4 patch stem, three RepMLP blocks on h×h partitions (local perceptrons
+    k = 1, 3) each followed by ReLU. Minimal form: 4 convs (the stem and each block's grouped FC)."""
+    blocks: list[nn.Module] = [nn.Conv2d(3, channels, 4, 4)]
+    for _ in range(3):
+        blocks += [RepMLPBlock(channels, h, h, (1, 3), sharesets), nn.ReLU()]
+    return nn.Sequential(*blocks)

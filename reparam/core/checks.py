@@ -2,7 +2,8 @@
 
 A check is a straight-line program over the values of the rewrite's leaves: the ops of the absorbed
 subgraph (giving the old value) and of the replacement (giving the new one), which must agree to 1e-9
-relative. Inputs are uniform on [−1, 1), with batch 1 and spatial axes shrunk to what the windows need.
+relative. Inputs are uniform on [−1, 1), with batch 1 (unless an op is not ``batch_free``) and spatial axes
+shrunk to what the windows need.
 
 Checks that have the same shape (one per block of a deep model, say) are run together: the program is
 run once with each op's parameters laid side by side along the channel axis (a conv's groups multiplied
@@ -238,10 +239,12 @@ def _expr_ops(e: Expr) -> list:
 
 
 def check_shapes(leaves: list[Node], ops: list) -> list[tuple[int, ...]] | None:
-    """Input shapes for the local check: batch 1; spatial axes shrunk when every op allows it."""
+    """Input shapes for the local check: batch 1 when every op allows it (``batch_free``); spatial axes shrunk when
+    every op allows it."""
     if any(n.shape is None for n in leaves):
         return None
-    shapes = [(1, *n.shape[1:]) for n in leaves]
+    batch_free = all(op.batch_free for op in ops)
+    shapes = [(1, *n.shape[1:]) if batch_free else tuple(n.shape) for n in leaves]
     spatial = {s[2:] for s in shapes}
     if len(spatial) == 1 and all(op.shrinkable for op in ops):
         # per window: its extent plus two strides less one (both borders, an interior position, every phase)

@@ -234,7 +234,10 @@ class Engine:
                 raise Refusal(f"'{n.name}' is also used by '{who}', so it cannot be absorbed")
 
     def _apply(self, graph: Graph, rule: Rule, root: Node, expr: Expr, absorbed: list[Node]) -> list[Node]:
-        name = common_prefix([n.name for n in absorbed]) or min(absorbed, key=lambda n: n.id).name
+        # without a common prefix: the first absorbed op that holds a weight names the result (a view before it
+        # would name a fused FC after itself)
+        name = common_prefix([n.name for n in absorbed]) or min(
+            absorbed, key=lambda n: (getattr(n.op, "weight", None) is None, n.id)).name
         new_nodes: list[Node] = []
 
         def build(e: Expr | Node) -> Node:

@@ -50,6 +50,7 @@ class Op:
 
     # --- traits of the local checks (reparam.core.checks) ---------------------------------------
     shrinkable = False  # works the same on any spatial size: checks may shrink the spatial axes
+    batch_free = True  # works the same on any batch size: checks may run on batch 1
 
     def check_reach(self) -> int:
         """Spatial size a shrunk check needs for this op to see both borders, an interior and every phase."""
@@ -413,6 +414,19 @@ class Flatten(Op):
         x = shapes[0]
         s, e = self.start_dim % len(x), self.end_dim % len(x)
         return (*x[:s], prod(x[s:e + 1]), *x[e + 1:])
+
+
+def flatten_of(src: tuple[int, ...], dst: tuple[int, ...]) -> "Op | None":
+    """What a reshape of a ``src``-shaped tensor to ``dst`` is when it changes nothing (Identity) or merges one run
+    of axes [s, e] and keeps every other (Flatten(s, e)); None otherwise."""
+    src, dst = tuple(src), tuple(dst)
+    if src == dst:
+        return Identity()
+    for s in range(len(src)):
+        for e in range(s + 1, len(src)):
+            if src[:s] + (prod(src[s:e + 1]),) + src[e + 1:] == dst:
+                return Flatten(s, e)
+    return None
 
 
 @dataclass(frozen=True, eq=False)

@@ -254,9 +254,9 @@ class SumOf(Pattern):
                 key = item.alike(seed.node) if item.alike else None
                 group = [seed]
                 for other in free:
-                    if other is seed or (item.alike and item.alike(other.node) != key):
+                    if other is seed or next(iter(item.pattern.matches(other.node, b)), None) is None:
                         continue
-                    if next(iter(item.pattern.matches(other.node, b)), None) is not None:
+                    if not item.alike or item.alike(other.node) == key:  # alike reads terms the pattern matched
                         group.append(other)
                 if len(group) < item.min:
                     continue

@@ -372,3 +372,19 @@ def tapwise_conv(x, W, b, stride, dilation, groups):
             y += torch.matmul(Wg[:, :, :, t], xs.reshape(n, g, m, -1)).reshape(y.shape)
     y = y.reshape(n, g * p, *out)
     return y if b is None else y + b.reshape(1, -1, *([1] * nd))
+
+
+def conv_matrix(W, b, in_shape, stride, pad, dilation, groups, padding_mode="zeros"):
+    """A conv on inputs of the fixed per-sample shape ``in_shape`` (C, *spatial) as a dense matrix on the
+    flattened sample: (M, m) with conv(x).flatten(1) = x.flatten(1) @ Mᵀ + m. M is the conv (without its bias)
+    applied to the identity basis of C·∏spatial, its zero padding (or ``padding_mode``) included; m is the bias
+    repeated over the output positions. Float64 in, float64 out."""
+    n = math.prod(in_shape)
+    basis = torch.eye(n, dtype=W.dtype, device=W.device).reshape(n, *in_shape)
+    if padding_mode != "zeros":
+        basis = F.pad(basis, [p for a in reversed(range(len(pad))) for p in pad[a]], mode=padding_mode)
+        pad = tuple((0, 0) for _ in pad)
+    out = conv_nd(basis, W, None, stride, pad, dilation, groups)  # [n, O, *spatial']
+    M = out.reshape(n, -1).t().contiguous()
+    m = _bias(b, W).repeat_interleave(math.prod(out.shape[2:]))
+    return M, m

@@ -68,6 +68,12 @@ CASES = {
     # BatchNormalization, the Transpose read as Permute
     "affine_through_layout": (lambda: Fn(lambda s, x: s.bn(s.fc(x).permute(0, 3, 1, 2)), fc=nn.Linear(4, 6),
                                          bn=nn.BatchNorm2d(6)), (2, 5, 5, 4), 1),
+    # RepMLP's FC with a local conv: Flatten → Gemm → Reshape(-1, C, h, w) beside a Conv of the same input
+    "conv_to_dense": (lambda: Fn(lambda s, x: s.fc(x.flatten(1)).reshape(-1, 2, 3, 3) + s.c(x), fc=nn.Linear(18, 18),
+                                 c=conv(2, 2)), (2, 2, 3, 3), 1),
+    # a BN over the share-sets of an FC's output reshaped to (·, S, h, w): Gemm → Reshape → BatchNormalization
+    "affine_through_reshape": (lambda: Fn(lambda s, x: s.bn(s.fc(x).reshape(-1, 2, 3, 3)), fc=nn.Linear(8, 18),
+                                          bn=nn.BatchNorm2d(2)), (2, 8), 1),
 }
 # rules whose ops the ONNX front end does not recognize yet, with the reason
 FX_ONLY: dict[str, str] = {}

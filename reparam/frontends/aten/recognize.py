@@ -11,7 +11,6 @@ Anything else stays opaque. :func:`normalize` rewrites decomposed batch norm
 """
 from __future__ import annotations
 
-import math
 import operator
 from typing import Any, Callable
 
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 from reparam.core import vocabulary as vocab
 from reparam.core.vocabulary import arguments
 from reparam.frontends.fx import importer
-from reparam.core.ops import AvgPool, Flatten, Identity, Linear, Mean, Slice, f64, held
+from reparam.core.ops import AvgPool, Flatten, Identity, Linear, Mean, Slice, f64, flatten_of, held
 
 
 aten = torch.ops.aten
@@ -126,13 +125,8 @@ def _view(imp, n, a):
     src, dst = fx_shape(x) if isinstance(x, fx.Node) else None, fx_shape(n)
     if src is None or dst is None:
         return None
-    if tuple(src) == tuple(dst):
-        return Identity(), [x]
-    for s in range(len(src)):
-        for e in range(s + 1, len(src)):
-            if tuple(src[:s]) + (math.prod(src[s:e + 1]),) + tuple(src[e + 1:]) == tuple(dst):
-                return Flatten(s, e), [x]
-    return None
+    op = flatten_of(src, dst)
+    return None if op is None else (op, [x])
 
 
 def _permute(imp, n, a):
