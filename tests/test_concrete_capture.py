@@ -9,7 +9,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
 import reparam
-from reparam.frontends.fx.counting import count_model
+from reparam.frontends.fx.counting import count_model, count_run
 from reparam.frontends.fx.dropin import forward_graph
 from tests.randomized import randomize as randomize_batchnorms
 
@@ -125,6 +125,47 @@ def test_kernel_built_in_forward_with_size_arithmetic_becomes_one_conv():
     fused, _, counts = fused_counts(model, torch.randn(2, 4, 8, 8))
     assert (counts.convs, counts.bns) == (1, 0)
     assert counts.params == 4 * 2 * 3 * 3 + 4  # the branch parameters are gone: the trained kernel and a bias
+
+
+class WithInPlaceBlock(nn.Module):
+    """A drop-in model (a method besides forward) whose block writes in place: ``head(bn(conv(x)).mul_(2))``.
+    Minimal form: one conv. The block is fused at its boundary as captured on the example inputs, never as its
+    symbolic trace (which would drop the write)."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = InPlaceBlock()
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def features(self, x):
+        return self.block(x)
+
+    def forward(self, x):
+        return self.head(self.block(x))
+
+
+class InPlaceBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        y.mul_(2.0)
+        return y
+
+
+@pytest.mark.parametrize("verify", [False, True])
+def test_a_submodule_that_writes_in_place_is_never_misread(verify):
+    model = randomize(WithInPlaceBlock())
+    x = torch.randn(2, 3, 8, 8)
+    fused = reparam.fuse(model, x, verify=verify)
+    with torch.no_grad():
+        for method in ("forward", "features"):
+            want, got = getattr(model, method)(x), getattr(fused, method)(x)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (count_run(fused, (x,)).convs, count_run(fused, (x,)).bns) == (1, 0)
 
 
 class ShapeOnlyUse(nn.Module):

@@ -111,12 +111,10 @@ def _read_nodes(gm: fx.GraphModule) -> set[fx.Node]:
     return live
 
 
-def sees_less(gm: fx.GraphModule) -> str | None:
-    """Why the symbolic graph ``gm`` reads less than the model computes (None if it reads it all): an in-place
-    write into a tensor that is read elsewhere too (its later reads would see the old value), an index write,
-    or a shape query of a computed tensor that is also read for its value, where the query's result is used
-    (a second consumer that only the shape needs; a query that only feeds a shape assert is pruned)."""
-    read = None
+def writes_in_place(gm: fx.GraphModule) -> str | None:
+    """Why the symbolic graph ``gm`` would be misread (None if it would not): an index write, or an in-place write
+    into a tensor that is read elsewhere too (its later reads would see the old value). The IR's ops are pure, so
+    such a graph cannot be rewritten as it was traced."""
     for n in gm.graph.nodes:
         target = getattr(n.target, "__name__", n.target)
         x = _mutated(n)
@@ -124,12 +122,27 @@ def sees_less(gm: fx.GraphModule) -> str | None:
             return f"'{n.name}' writes into a tensor by index"
         if x is not None and len(x.users) > 1:
             return f"'{n.name}' ({target}) writes in place into '{x.name}', which is read elsewhere too"
+    return None
+
+
+def reads_shape_besides_value(gm: fx.GraphModule) -> str | None:
+    """Why the symbolic graph ``gm`` fuses less than the model allows (None if it does not): a shape query of a
+    computed tensor that is also read for its value, where the query's result is used (a second consumer that
+    only the shape needs; a query that only feeds a shape assert is pruned). Such a graph is read rightly."""
+    read = None
+    for n in gm.graph.nodes:
         if n.op in ("call_module", "call_function", "call_method") and len(n.users) > 1 and \
                 any(_shape_only_use(u, n) for u in n.users) and not all(_shape_only_use(u, n) for u in n.users):
             read = _read_nodes(gm) if read is None else read
             if any(_shape_only_use(u, n) and u in read for u in n.users):
                 return f"the shape of '{n.name}' is read besides its value"
     return None
+
+
+def sees_less(gm: fx.GraphModule) -> str | None:
+    """Why the symbolic graph ``gm`` reads less than the model computes (None if it reads it all): see
+    ``writes_in_place`` and ``reads_shape_besides_value``."""
+    return writes_in_place(gm) or reads_shape_besides_value(gm)
 
 
 def record_inputs(model: nn.Module, example_inputs: tuple) -> dict[str, tuple]:
@@ -258,12 +271,14 @@ def trace(module: nn.Module) -> fx.GraphModule:
 
 
 def capture_one(module: nn.Module, inputs: tuple | None) -> tuple[fx.GraphModule, bool, str | None]:
-    """``module`` as one graph: (graph, shapes attached, note). Symbolic tracing when it sees everything,
-    else a concrete capture on ``inputs``; raises (the symbolic failure first) when neither can."""
-    symbolic, why = None, None
+    """``module`` as one graph: (graph, shapes attached, note). Symbolic tracing when it sees everything, else a
+    concrete capture on ``inputs``. A symbolic graph that reads shapes besides values is kept when no concrete
+    capture works; one with in-place or index writes never is: then this raises (the symbolic failure first)."""
+    symbolic, why, misread = None, None, None
     try:
         symbolic = trace(module)
-        why = sees_less(symbolic)
+        misread = writes_in_place(symbolic)
+        why = misread or reads_shape_besides_value(symbolic)
         if why is None:
             return symbolic, attach_shapes(symbolic, inputs), None
     except Exception as err:  # noqa: BLE001 - any tracing failure: try the concrete captures
@@ -277,10 +292,14 @@ def capture_one(module: nn.Module, inputs: tuple | None) -> tuple[fx.GraphModule
             return gm, True, f"captured on the example inputs ({why})"
         except Exception as err:  # noqa: BLE001
             reasons.append(first_line(err))
-    if symbolic is not None:  # symbolic tracing reads less, but nothing else reads it at all
+    if symbolic is not None and misread is None:  # it fuses less, but what it reads is right
         note = f"traced symbolically although {why}" + (f"; the concrete capture failed: {reasons[0]}"
                                                          if reasons else "")
         return symbolic, attach_shapes(symbolic, inputs), note
+    if symbolic is not None:
+        raise CaptureError(f"{why}, which the rules cannot read as traced; " + (
+            f"the capture on the example inputs failed: {reasons[0]}" if reasons else
+            "pass example inputs to capture it on them"))
     if reasons:
         raise CaptureError(f"{why}; on the example inputs: {reasons[0]}") from failure
     raise failure

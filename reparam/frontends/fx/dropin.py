@@ -21,13 +21,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import inspect
 
 import torch.fx as fx
 import torch.nn as nn
 
 from reparam.errors import CaptureError
-from reparam.frontends.fx.capture import (Capture, Region, first_line, has_hooks, record_inputs, structure_copy,
-                                          trace)
+from reparam.frontends.fx.capture import (Capture, Region, capture_one, first_line, has_hooks, record_inputs,
+                                          structure_copy, trace, writes_in_place)
 from reparam.frontends.fx.shapes import attach_shapes
 
 CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -59,14 +60,41 @@ def _capture_below(module: nn.Module, prefix: str, recorded: dict[str, tuple], o
             continue  # one torch.nn layer: nothing to fuse inside it on its own
         if (not isinstance(child, CONTAINERS) or all(_is_layer(c) for c in child.children())) and not has_hooks(child):
             try:
-                gm = trace(child)
                 inputs = recorded.get(path)
-                attach_shapes(gm, inputs)
+                gm, note = _capture_region(child, inputs)
+                if note:
+                    out.notes.append(f"'{path}': {note}")
                 out.regions.append(Region(path, gm, inputs))
                 continue
             except Exception as err:
-                out.opaque[path] = first_line(err)
+                out.opaque[path] = str(err)[:300] if isinstance(err, CaptureError) else first_line(err)
         _capture_below(child, path, recorded, out)
+
+
+def _capture_region(child: nn.Module, inputs: tuple | None) -> tuple[fx.GraphModule, str | None]:
+    """A boundary region's graph: its symbolic trace (which takes every argument its forward takes), unless that
+    graph would be misread (an in-place or index write, ``writes_in_place``): then its capture on the example
+    inputs, if its forward takes nothing but those inputs (the recorded graph takes only them); else it raises."""
+    gm = trace(child)
+    misread = writes_in_place(gm)
+    if misread is None:
+        attach_shapes(gm, inputs)
+        return gm, None
+    if inputs is None or not _takes_only(child, inputs):
+        raise CaptureError(f"{misread}, which the rules cannot read as traced, and its forward takes more than "
+                           f"the inputs it was called with")
+    gm, _, note = capture_one(child, inputs)
+    return gm, note
+
+
+def _takes_only(m: nn.Module, inputs: tuple) -> bool:
+    """``m.forward`` takes exactly ``len(inputs)`` positional parameters and nothing else."""
+    try:
+        params = list(inspect.signature(m.forward).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    return len(params) == len(inputs) and all(
+        p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
 
 
 def _is_layer(m: nn.Module) -> bool:
@@ -135,8 +163,6 @@ class DeployForward:
 
     @property
     def __signature__(self):
-        import inspect
-
         return inspect.signature(self._target())
 
     def __call__(self, *args, **kwargs):
