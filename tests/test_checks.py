@@ -100,3 +100,18 @@ def test_the_engine_names_the_wrong_rewrite_among_many_equal_ones():
     with pytest.raises(reparam.RewriteMismatch, match="nudge_last_block") as info:
         reparam.fuse(model, torch.randn(1, 6, 9, 9), extra_rules=[nudge_last_block])
     assert info.value.where == "blocks.3.0"
+
+
+def test_cancelling_terms_are_judged_against_the_size_of_the_computation():
+    """``a(x) − b(x)`` of nearly equal terms: the old value is ~1e-5 of the terms, so float64 rounding of the terms
+    (~1e-16 of their size, moved by torch's summation order) reads as ~1e-10 of the old value. Judged against the
+    computation's size as well, that passes, while a wrong result 1e-12 of the terms' size away still fails."""
+    check = checks.Check("rule", "here", [], [(1, 1)], 0, 0, 0)
+    terms = torch.full((4,), 10.0, dtype=torch.float64)
+    want = torch.full((4,), 1e-4, dtype=torch.float64)
+    size = float(terms.abs().max())
+    checks._judge(check, want, want + 1e-14 * size, size)  # rounding of the terms: passes
+    with pytest.raises(reparam.errors.RewriteMismatch):
+        checks._judge(check, want, want + 1e-11 * size, size)
+    with pytest.raises(reparam.errors.RewriteMismatch):  # without cancellation the old value's size is the scale
+        checks._judge(check, terms, terms + 1e-8 * size, size)
