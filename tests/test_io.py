@@ -217,3 +217,22 @@ def test_a_full_disk_is_a_user_error_naming_the_file(failure, tmp_path, monkeypa
     assert not out.exists() and not [p for p in tmp_path.iterdir() if "partial" in p.name]
     doc = json.loads((tmp_path / "r.json").read_text())
     assert doc["status"] == "error" and doc["error"]["code"] == 2 and doc["error"]["phase"].startswith("writing")
+
+
+def test_a_signal_right_after_the_temporary_file_is_created_leaves_nothing(tmp_path, monkeypatch):
+    """SIGTERM raises where the program is; arriving just after the temporary file came into existence (before
+    anything else ran), it must still be cleaned up: the file is known to the cleanup before it is created."""
+    from reparam.io import atomic
+
+    real_close = os.close
+
+    def interrupted(fd):
+        real_close(fd)
+        raise KeyboardInterrupt  # what a signal handler raising at that moment looks like
+
+    monkeypatch.setattr(atomic.os, "close", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic.atomic_path(tmp_path / "deploy.pt2"):
+            pass
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []

@@ -7,7 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import re
-import tempfile
+import secrets
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -95,6 +95,22 @@ def is_write_failure(err: BaseException) -> bool:
                                               or "no space left" in text)
 
 
+def _create_temporary(path: Path, temps: list[str]) -> None:
+    """Create a new empty temporary file beside ``path``, named in ``temps`` before it exists: a signal raised
+    at any point (SIGTERM, interrupt) leaves no file that the cleanup does not know of."""
+    while True:
+        tmp = str(path.parent / f".{path.stem[:_STEM]}.{os.getpid()}.{secrets.token_hex(4)}.partial{path.suffix}")
+        temps.append(tmp)
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            return
+        except FileExistsError:
+            temps.pop()  # another file of that name: not ours, try another
+        except OSError as err:
+            temps.pop()
+            raise _write_error(err, path) from err
+
+
 @contextmanager
 def atomic_paths(*paths: str | os.PathLike) -> Iterator[list[str]]:
     """A temporary path beside each of ``paths``; all renamed into place if the block succeeds, all removed
@@ -108,13 +124,7 @@ def atomic_paths(*paths: str | os.PathLike) -> Iterator[list[str]]:
             if not folder.is_dir():
                 raise ReparamError(f"cannot write '{path}': folder '{folder}' does not exist")
             clean_stale(path)
-            try:
-                fd, tmp = tempfile.mkstemp(prefix=f".{path.stem[:_STEM]}.{os.getpid()}.",
-                                           suffix=f".partial{path.suffix}", dir=folder)
-            except OSError as err:
-                raise _write_error(err, path) from err
-            os.close(fd)
-            temps.append(tmp)
+            _create_temporary(path, temps)
         try:
             yield list(temps)
         except Exception as err:
