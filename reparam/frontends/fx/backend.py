@@ -196,7 +196,7 @@ class FxFrontEnd:
     def import_more(self, regions: list[Region], report: Report) -> list[Region]:
         """For a drop-in model: the whole graph, traced from the model with its fused boundary regions in place,
         reading their deploy tensors as the float64 values they were rounded from (so every tensor of the
-        whole graph rounds once). None if it cannot be captured (the regions are the deploy model then)."""
+        whole graph rounds once). [] if it cannot be captured (the regions are the deploy model then)."""
         if not self.composed:
             return []
         with eval_mode(self.model):

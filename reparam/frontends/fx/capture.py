@@ -162,6 +162,18 @@ def record_inputs(model: nn.Module, example_inputs: tuple) -> dict[str, tuple]:
     return seen
 
 
+def inputs_of_submodules(model: nn.Module, example_inputs: tuple | None) -> dict[str, tuple]:
+    """``record_inputs`` on a structure copy of ``model`` ({} without example inputs); a model that does not run
+    on them raises CaptureError naming their shapes."""
+    if example_inputs is None:
+        return {}
+    try:
+        return record_inputs(structure_copy(model), example_inputs)
+    except Exception as err:
+        shapes = [list(t.shape) for t in example_inputs if isinstance(t, torch.Tensor)]
+        raise CaptureError(f"the model does not run on inputs of shape {shapes}: {first_line(err)}") from err
+
+
 def has_hooks(m: nn.Module) -> bool:
     """The module runs forward (pre-)hooks, which a traced graph would not see: it must stay a call."""
     return bool(m._forward_hooks or m._forward_pre_hooks)
@@ -316,11 +328,7 @@ def capture(model: nn.Module, example_inputs: tuple | None) -> Capture:
         return out
     except Exception as err:  # any capture failure: fall back to submodules
         out.opaque[""] = str(err)[:300] if isinstance(err, CaptureError) else first_line(err)
-    try:
-        recorded = record_inputs(structure_copy(model), example_inputs) if example_inputs is not None else {}
-    except Exception as err:
-        raise CaptureError(f"the model does not run on the example inputs: {_first_line(err)}") from err
-    _capture_children(model, "", recorded, out)
+    _capture_children(model, "", inputs_of_submodules(model, example_inputs), out)
     return out
 
 

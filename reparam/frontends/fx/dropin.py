@@ -27,8 +27,8 @@ import torch.fx as fx
 import torch.nn as nn
 
 from reparam.errors import CaptureError
-from reparam.frontends.fx.capture import (Capture, Region, capture_one, first_line, has_hooks, record_inputs,
-                                          structure_copy, trace, writes_in_place)
+from reparam.frontends.fx.capture import (Capture, Region, capture_one, first_line, has_hooks, inputs_of_submodules,
+                                          trace, writes_in_place)
 from reparam.frontends.fx.shapes import attach_shapes
 
 CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -40,12 +40,7 @@ def boundary_capture(model: nn.Module, example_inputs: tuple | None) -> Capture:
     descended into, every other submodule with parameters reached by the example input is traced whole
     (a submodule that does not trace is searched inside)."""
     out = Capture()
-    try:
-        recorded = record_inputs(structure_copy(model), example_inputs) if example_inputs is not None else {}
-    except Exception as err:
-        shapes = [list(t.shape) for t in example_inputs if hasattr(t, "shape")]
-        raise CaptureError(f"the model does not run on inputs of shape {shapes}: {first_line(err)}") from err
-    _capture_below(model, "", recorded, out)
+    _capture_below(model, "", inputs_of_submodules(model, example_inputs), out)
     return out
 
 
