@@ -277,7 +277,7 @@ def test_a_correct_capture_has_no_misread_nodes():
 
 
 def test_structure_copy_shares_tensors_and_nothing_else():
-    from reparam.frontends.fx.capture import structure_copy
+    from reparam.frontends.module_copy import structure_copy
 
     model = randomize(nn.Sequential(Caching(), nn.Conv2d(3, 3, 1), nn.utils.parametrizations.weight_norm(
         nn.Conv2d(3, 3, 1)))).eval()

@@ -26,6 +26,8 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
+from reparam.frontends.module_copy import copy_modules, structure_copy
+
 DEFAULT_TOLERANCE = 1e-9  # fused vs original, both in float64
 NATIVE_ULPS = 64  # the deploy model in its own dtype: within this many units of its precision
 
@@ -40,7 +42,7 @@ def run(model: nn.Module, inputs: tuple, dtype: torch.dtype | None = None) -> li
         model = copy_in(model, dtype)
         inputs = tree_map(lambda x: _to(x, dtype), inputs)
     elif model.training:
-        model = copy.deepcopy(model).eval()
+        model = eval_view(model)
     with torch.no_grad():
         out = model(*inputs)
     leaves, _ = tree_flatten(out)
@@ -57,14 +59,13 @@ def copy_in(model: nn.Module, dtype: torch.dtype) -> nn.Module:
             if new.data_ptr() == t.data_ptr():
                 new = new.clone()
             memo[id(t)] = nn.Parameter(new, t.requires_grad) if isinstance(t, nn.Parameter) else new
-    return copy.deepcopy(model, memo).eval()
+    return copy_modules(model, memo).eval()
 
 
 def eval_view(model: nn.Module) -> nn.Module:
     """An eval-mode copy of ``model``'s modules sharing its parameters and buffers (a forward that keeps
     state, a cache say, changes the copy, never the model)."""
-    memo = {id(t): t for t in [*model.parameters(), *model.buffers()]}
-    return copy.deepcopy(model, memo).eval()
+    return structure_copy(model).eval()
 
 
 def random_like(inputs: tuple, seed: int = 0) -> tuple:

@@ -31,7 +31,7 @@ from torch.utils._pytree import TreeSpec, tree_unflatten
 
 from reparam.frontends.aten import recognize as aten_ops
 from reparam.frontends.fx import capture as fx_capture
-from reparam.frontends.fx.capture import structure_copy
+from reparam.frontends.module_copy import structure_copy
 from reparam.frontends.fx.shapes import same_forward
 
 aten = torch.ops.aten

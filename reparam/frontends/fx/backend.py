@@ -32,6 +32,7 @@ from reparam.frontends.fx.importer import import_fx
 from reparam.frontends.fx.nodes import FxOrigin
 from reparam.frontends.fx.param_fold import materialize
 from reparam.frontends.fx.prune import prune_unused
+from reparam.frontends.module_copy import structure_copy
 from reparam.frontends.pipeline import Options, fuse_with, opaque_note
 from reparam.frontends.rulesets import select_rules
 
@@ -361,7 +362,8 @@ def float64_twin(fused: nn.Module, regions: list[Region], front: FxFrontEnd | No
         with eval_mode(front.model):
             return dropin.install(dropin.shell(front.model), export_region(regions[0], torch.float64, checked), sealed=True)
     whole, boundary = FxFrontEnd._split(regions)
-    out = dropin.uninstalled(copy.deepcopy(fused))  # the regions' own forward (the graph is put on again below)
+    # the regions' own forward (the graph is put on again below), sharing the deploy model's tensors
+    out = dropin.uninstalled(structure_copy(fused))
     for r in boundary:
         if r.extra.get("kept"):
             region64 = export_region(r, torch.float64, checked)

@@ -9,10 +9,7 @@ and is reported as opaque.
 """
 from __future__ import annotations
 
-import collections
 import contextlib
-import copy
-import functools
 import importlib
 import operator
 from dataclasses import dataclass, field
@@ -25,6 +22,7 @@ from torch.nn.utils import parametrize
 
 from reparam.errors import CaptureError
 from reparam.frontends.fx.prune import SHAPE_CHECKS
+from reparam.frontends.module_copy import structure_copy
 from reparam.frontends.fx.shapes import attach_shapes
 
 
@@ -221,56 +219,6 @@ class _IndexedTracer(fx.Tracer):
             if found is not None and found[0] is a:
                 return self.create_node("get_attr", found[1], (), {})
         return super().create_arg(a)
-
-
-def structure_copy(module: nn.Module) -> nn.Module:
-    """A copy of ``module`` that shares its parameters and buffers but nothing else: what its forward
-    writes into the module (caches, counters) lands in the copy. ``copy.deepcopy`` with the tensors
-    memoized, done directly for modules that pickle as plain nn.Modules (several times faster)."""
-    memo = {id(t): t for t in [*module.parameters(), *module.buffers()]}
-    return _copy_module(module, memo)
-
-
-_COPY_PROTOCOL = ("__getstate__", "__setstate__", "__deepcopy__", "__reduce_ex__", "__reduce__")
-_ATOMS = (int, float, bool, str, type(None))
-_CONTAINERS = (dict, collections.OrderedDict, set)
-
-
-@functools.lru_cache(maxsize=None)
-def _plain_state(cls: type) -> bool:
-    """Instances copy as their ``__dict__``: no copy or pickle method of their own beyond torch.nn's
-    ``__setstate__`` shims, which only fill in attributes missing from old checkpoints."""
-    for f in _COPY_PROTOCOL:
-        own = getattr(cls, f, None)
-        if own is not getattr(nn.Module, f, None) and not (
-                f == "__setstate__" and getattr(own, "__module__", "").startswith("torch.nn.modules.")):
-            return False
-    return True
-
-
-def _copy_module(m: nn.Module, memo: dict) -> nn.Module:
-    if id(m) in memo:
-        return memo[id(m)]
-    if not _plain_state(type(m)):
-        return copy.deepcopy(m, memo)  # a module with its own copy or pickle behaviour
-    new = object.__new__(type(m))
-    memo[id(m)] = new
-    state = {}
-    for k, v in m.__dict__.items():
-        if k == "_compiled_call_impl":
-            continue
-        if k == "_modules":
-            state[k] = type(v)((name, None if c is None else _copy_module(c, memo)) for name, c in v.items())
-        elif k in ("_parameters", "_buffers"):
-            state[k] = type(v)((name, None if t is None else memo.get(id(t), t)) for name, t in v.items())
-        elif type(v) in _ATOMS or (type(v) in (tuple, frozenset) and all(type(x) in _ATOMS for x in v)):
-            state[k] = v
-        elif type(v) in _CONTAINERS and all(type(x) in _ATOMS for x in v) and (not v or type(v) is set):
-            state[k] = type(v)(v)  # the hook dicts (empty) and the set of non-persistent buffer names
-        else:
-            state[k] = copy.deepcopy(v, memo)
-    new.__dict__.update(state)
-    return new
 
 
 def trace(module: nn.Module) -> fx.GraphModule:
