@@ -294,6 +294,27 @@ def test_structure_copy_shares_tensors_and_nothing_else():
     torch.testing.assert_close(twin(x), model(x), rtol=0, atol=0)
 
 
+def test_a_copy_that_is_only_run_shares_graph_module_graphs_and_nothing_it_writes():
+    from reparam.frontends.module_copy import structure_copy
+
+    inner = torch.fx.symbolic_trace(randomize(nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))).eval())
+    model = nn.Sequential(inner, Caching()).eval()
+    twin = structure_copy(model, share_graphs=True)
+    assert twin[0] is not inner and twin[0].graph is inner.graph and type(twin[0]) is type(inner)
+    assert all(a is b for a, b in zip(model.parameters(), twin.parameters()))
+    x = torch.randn(1, 3, 5, 5)
+    got = twin(x)
+    twin[1].cache["k"] = 1
+    twin[0].train()
+    assert model[1].cache == {} and not inner.training
+    torch.testing.assert_close(got, model(x), rtol=0, atol=0)
+    assert structure_copy(model)[0].graph is not inner.graph  # by default a copy may be edited: its own graph
+    exported = torch.export.export(nn.Sequential(nn.Conv2d(3, 3, 1)), (x,)).module()  # sets its own train()
+    copied = structure_copy(exported, share_graphs=True)
+    assert copied.graph is not exported.graph
+    copied.eval()
+
+
 def test_constants_computed_from_parameters_are_folded_in_float64():
     """``sigmoid(α)·(conv(x) − x)`` of a float32 model: the folded constant is the float64 value (what the
     float64 reference computes), and the deploy model keeps float32."""

@@ -199,6 +199,29 @@ def test_a_hook_on_a_submodule_is_honoured():
     assert seen == [torch.Size([1, 8, 8, 8])]
 
 
+class Aliased(Stem):
+    """Stem holding its first block at a second path too, which only another method calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = self.blocks[0]
+
+    def forward(self, x):
+        return self.forward_features(x)
+
+    def first_block(self, x):
+        return self.first(x)
+
+
+def test_a_module_held_at_two_paths_keeps_working_at_both():
+    model = randomized(Aliased())
+    x, y = torch.randn(1, 3, 8, 8), torch.randn(1, 8, 8, 8)
+    fused = reparam.fuse(model, x)
+    with torch.no_grad():
+        assert close(fused(x), model(x)) and close(fused.first_block(y), model.first_block(y))
+        assert close(fused.forward_intermediates(x), model.forward_intermediates(x))
+
+
 class ConvBN(nn.Module):
     """No public method but forward: sealed, the graph replaces its children."""
 

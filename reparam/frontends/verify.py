@@ -59,13 +59,13 @@ def copy_in(model: nn.Module, dtype: torch.dtype) -> nn.Module:
             if new.data_ptr() == t.data_ptr():
                 new = new.clone()
             memo[id(t)] = nn.Parameter(new, t.requires_grad) if isinstance(t, nn.Parameter) else new
-    return copy_modules(model, memo).eval()
+    return copy_modules(model, memo, share_graphs=True).eval()
 
 
 def eval_view(model: nn.Module) -> nn.Module:
     """An eval-mode copy of ``model``'s modules sharing its parameters and buffers (a forward that keeps
     state, a cache say, changes the copy, never the model)."""
-    return structure_copy(model).eval()
+    return structure_copy(model, share_graphs=True).eval()
 
 
 def random_like(inputs: tuple, seed: int = 0) -> tuple:

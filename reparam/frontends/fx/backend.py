@@ -7,6 +7,7 @@ deploy models"): the regions at its module boundaries are rewritten, then the wh
 deploy model is built from them (:meth:`FxFrontEnd.assemble`)."""
 from __future__ import annotations
 
+import collections
 import copy
 from typing import Callable, Sequence
 
@@ -363,7 +364,7 @@ def float64_twin(fused: nn.Module, regions: list[Region], front: FxFrontEnd | No
             return dropin.install(dropin.shell(front.model), export_region(regions[0], torch.float64, checked), sealed=True)
     whole, boundary = FxFrontEnd._split(regions)
     # the regions' own forward (the graph is put on again below), sharing the deploy model's tensors
-    out = dropin.uninstalled(structure_copy(fused))
+    out = dropin.uninstalled(structure_copy(fused, share_graphs=True))
     for r in boundary:
         if r.extra.get("kept"):
             region64 = export_region(r, torch.float64, checked)
@@ -380,13 +381,18 @@ def _assemble(work: nn.Module, rewritten: list, inputs, report: Report):
     (it uses something a graph does not have, e.g. a method) is put back as it was, and the report says
     so. ``rewritten`` is a list of (path, region) with ``region.fused`` the region's GraphModule. Returns the
     model and the (path, region) pairs kept."""
-    result = copy.deepcopy(work)  # never the input itself
-    originals = {path: result.get_submodule(path) for path, _ in rewritten}
+    # never the input itself; a module a region replaces is not copied (its fused graph stands in), unless the
+    # model holds it at another path too (that one stays a copy of the original, as before the region)
+    replaced = {path: work.get_submodule(path) for path, _ in rewritten}
+    held = collections.Counter(id(m) for _, m in work.named_modules(remove_duplicate=False))
+    result = copy.deepcopy(work, {id(replaced[path]): done.fused for path, done in rewritten
+                                  if held[id(replaced[path])] == 1})
     for path, done in rewritten:
-        carry_attributes(originals[path], done.fused)
+        carry_attributes(replaced[path], done.fused)
         set_submodule(result, path, done.fused)
     if inputs is None or _runs(result, inputs):
         return result, rewritten
+    originals = {path: copy.deepcopy(m) for path, m in replaced.items()}
     kept = []
     for path, done in rewritten:  # one region at a time, on top of those that worked
         set_submodule(result, path, originals[path])

@@ -68,7 +68,7 @@ def count_run(model: nn.Module, inputs: tuple | None) -> Counts:
     counted at ATen level; the FX-graph count when there are no inputs or the model does not run."""
     if inputs is None:
         return count_model(model)
-    work = structure_copy(model)
+    work = structure_copy(model, share_graphs=True)  # only run
     own = {_storage(t) for t in [*work.parameters(), *work.buffers()]} - {-1, 0}
     counter = _AtenCounter(own)
     try:
