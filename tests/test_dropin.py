@@ -222,6 +222,14 @@ def test_a_module_held_at_two_paths_keeps_working_at_both():
         assert close(fused.forward_intermediates(x), model.forward_intermediates(x))
 
 
+def test_the_attributes_a_fused_region_carries_are_copies():
+    model = randomized(Stem())
+    model.blocks[0].widths = [8, 8]  # read by code around the region, say
+    fused = reparam.fuse(model, torch.randn(1, 3, 8, 8))
+    assert isinstance(fused.blocks[0], fx.GraphModule)  # the region, fused
+    assert fused.blocks[0].widths == [8, 8] and fused.blocks[0].widths is not model.blocks[0].widths
+
+
 class ConvBN(nn.Module):
     """No public method but forward: sealed, the graph replaces its children."""
 

@@ -385,14 +385,16 @@ def _assemble(work: nn.Module, rewritten: list, inputs, report: Report):
     # model holds it at another path too (that one stays a copy of the original, as before the region)
     replaced = {path: work.get_submodule(path) for path, _ in rewritten}
     held = collections.Counter(id(m) for _, m in work.named_modules(remove_duplicate=False))
-    result = copy.deepcopy(work, {id(replaced[path]): done.fused for path, done in rewritten
-                                  if held[id(replaced[path])] == 1})
+    memo = {id(replaced[path]): done.fused for path, done in rewritten if held[id(replaced[path])] == 1}
+    result = copy.deepcopy(work, memo)
     for path, done in rewritten:
-        carry_attributes(replaced[path], done.fused)
+        carry_attributes(replaced[path], done.fused, memo)
         set_submodule(result, path, done.fused)
     if inputs is None or _runs(result, inputs):
         return result, rewritten
-    originals = {path: copy.deepcopy(m) for path, m in replaced.items()}
+    for m in replaced.values():  # copied now, sharing what they share with the rest of the copy
+        memo.pop(id(m), None)
+    originals = {path: copy.deepcopy(m, memo) for path, m in replaced.items()}
     kept = []
     for path, done in rewritten:  # one region at a time, on top of those that worked
         set_submodule(result, path, originals[path])
@@ -415,12 +417,15 @@ def _runs(model: nn.Module, inputs) -> bool:
         return False
 
 
-def carry_attributes(original: nn.Module, fused: nn.Module) -> None:
+def carry_attributes(original: nn.Module, fused: nn.Module, memo: dict | None = None) -> None:
     """Give ``fused`` the public plain attributes of ``original`` it lacks (configuration values such as a
-    window size that the code around a region may read), kept across copies of the GraphModule."""
+    window size that the code around a region may read), kept across copies of the GraphModule. With ``memo``
+    (that of a deepcopy of the model ``original`` belongs to) the values are copies, as in that copy."""
     kept = fused.meta.setdefault("_user_preserved_attributes", {})  # what GraphModule.__deepcopy__ restores
     for name, value in vars(original).items():
         if not name.startswith("_") and name != "training" and not hasattr(fused, name):
+            if memo is not None:
+                value = copy.deepcopy(value, memo)
             setattr(fused, name, value)
             kept[name] = value
 

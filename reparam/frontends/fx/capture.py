@@ -22,8 +22,8 @@ from torch.nn.utils import parametrize
 
 from reparam.errors import CaptureError
 from reparam.frontends.fx.prune import SHAPE_CHECKS
-from reparam.frontends.module_copy import structure_copy
 from reparam.frontends.fx.shapes import attach_shapes
+from reparam.frontends.module_copy import structure_copy
 
 
 @dataclass

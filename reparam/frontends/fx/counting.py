@@ -18,8 +18,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from reparam.core.report import Counts
 from reparam.frontends.fx.capture import eval_mode, has_hooks, trace
-from reparam.frontends.module_copy import structure_copy
 from reparam.frontends.fx.dropin import installed_graph
+from reparam.frontends.module_copy import structure_copy
 
 _ATEN_CONVS = {"convolution", "_convolution", "mkldnn_convolution", "conv_depthwise2d", "slow_conv2d_forward"}
 _ATEN_MATMULS = {"mm", "addmm", "bmm", "baddbmm", "matmul"}
